@@ -1,0 +1,108 @@
+"""Algorithm 1 of the paper as a pair of pure functions, ``init`` and ``update``.
+
+The state is explicit (a ``LODOState`` of tensors), every tensor carries a
+leading axis of independent seeds, and nothing here knows about Keras or
+tasks. The Keras optimizer (``lodo.keras_optimizer``) and the multi-seed engine
+(``lodo.engine``) are thin adapters over these two functions, which is why
+they follow the same trajectory.
+
+One call of ``update`` with the gradient g_{t+1} = ∇L_{t+1}(θ_{t+1}) does:
+  3–4. h_t = ∂L_{t+1}(θ_t − G(φ_t)m_t)/∂φ_t, φ_{t+1} = meta_optimizer(φ_t, h_t)
+  5.   m_{t+1} = β m_t + (1 − β) g_{t+1}
+  1.   returns the step G(φ_{t+1}) m_{t+1}, to be subtracted from θ_{t+1}.
+On the first call m_0 = 0, so h_0 = 0 and the step is α0(1 − β)g_1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from lodo import meta_optimizers, preconditioner as bp
+
+# Seeds index several independent random streams; this one draws LODO's own
+# permutations and initial blocks, so they do not depend on the task's draws.
+RNG_STREAM = 0x10D0
+
+
+class LODOState(NamedTuple):
+    weights: tuple  # φ: the preconditioner's learned tensors, each [S, ...]
+    constants: tuple  # fixed per seed (permutations), never updated
+    momentum: tf.Tensor  # m_t, [S, n]
+    meta: tuple  # the meta-optimizer's state for φ
+
+
+@dataclass(frozen=True)
+class BlockPermutationPreconditioner:
+    """G(φ) = α0 G̃ᵀG̃ with G̃ = B_N P_N ⋯ B_1 P_1 I_pad (Equation 2)."""
+
+    num_layers: int = 16
+    block_size: int = 4
+
+    def network(self, n: int) -> bp.BlockNetwork:
+        return bp.BlockNetwork(n, self.num_layers, self.block_size)
+
+    def init(self, n: int, seeds: Sequence[int], dtype) -> tuple[tuple, tuple]:
+        net = self.network(n)
+        draws = [net.draw(np.random.default_rng([int(s), RNG_STREAM])) for s in seeds]
+        perms = np.stack([d[0] for d in draws])  # [S, N, ñ]
+        weights = tuple(
+            tf.constant(np.stack([d[1][i] for d in draws]), dtype=dtype) for i in range(net.num_layers)
+        )
+        constants = (tf.constant(perms), tf.constant(bp.inverse_permutations(perms)))
+        return weights, constants
+
+    def apply(self, weights, constants, alpha, v):
+        return bp.apply(weights, constants[0], constants[1], alpha, v)
+
+    def hypergradient(self, weights, constants, alpha, m, g):
+        return tuple(bp.hypergradient(weights, constants[0], constants[1], alpha, m, g))
+
+
+@dataclass(frozen=True)
+class LODOHyperparams:
+    initial_lr: float = 0.270
+    meta_lr: float = 0.00096
+    beta: float = 0.195
+
+    def __post_init__(self):
+        for name in ("initial_lr", "meta_lr", "beta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                raise ValueError(f"LODO {name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"LODO beta must be in [0, 1), got {self.beta}")
+
+
+def init(
+    n: int,
+    seeds: Sequence[int],
+    preconditioner=None,
+    meta_optimizer=None,
+    dtype=tf.float32,
+) -> LODOState:
+    """Fresh state for ``len(seeds)`` independent copies of LODO on n parameters."""
+    preconditioner = preconditioner or BlockPermutationPreconditioner()
+    meta_optimizer = meta_optimizer or meta_optimizers.Adam(0.00096)
+    weights, constants = preconditioner.init(n, seeds, dtype)
+    return LODOState(
+        weights=weights,
+        constants=constants,
+        momentum=tf.zeros([len(seeds), n], dtype=dtype),
+        meta=meta_optimizer.init(weights),
+    )
+
+
+def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimizer):
+    """One LODO step: returns ``(step, new_state)``; the caller does θ ← θ − step."""
+    grad = tf.convert_to_tensor(grad, dtype=state.momentum.dtype)
+    alpha = tf.cast(alpha, grad.dtype)
+    beta = tf.cast(beta, grad.dtype)
+    hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, state.momentum, grad)
+    weights, meta = meta_optimizer.update(state.weights, hyper, state.meta)
+    momentum = beta * state.momentum + (1 - beta) * grad
+    step = preconditioner.apply(weights, state.constants, alpha, momentum)
+    return step, LODOState(weights, state.constants, momentum, meta)

@@ -1,0 +1,142 @@
+"""LODO as a Keras 3 optimizer: ``model.compile(optimizer=LODO(...))``.
+
+LODO preconditions the flattened vector of *all* trainable variables jointly,
+so it cannot use Keras's per-variable ``update_step``. It overrides
+``_backend_update_step`` instead, and therefore must all-reduce gradients
+across replicas itself (TensorFlow's default implementation of that method,
+which it replaces, is where Keras does so) and run the joint update once on
+every device through ``distribution.extended.update``. All the arithmetic is
+``lodo.algorithm.update`` with one seed.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src import backend
+
+from lodo import algorithm, meta_optimizers
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODO(keras.optimizers.Optimizer):
+    """Learning to Optimize During Optimization (Liao et al., TMLR 2023).
+
+    Args:
+        initial_lr: α0, the scale of G(φ); LODO starts as momentum SGD with
+            this learning rate. It is the optimizer's ``learning_rate``, so a
+            Keras schedule scales G over time.
+        meta_lr: learning rate of the meta-optimizer that trains φ.
+        beta: momentum of the gradient EMA fed to G.
+        num_layers, block_size: N and k of G̃ (Equation 2).
+        seed: draws the permutations and initial orthogonal blocks.
+        meta_optimizer: ``"adam"`` (the paper) or ``"sgd"`` (an ablation).
+    """
+
+    def __init__(
+        self,
+        initial_lr=0.270,
+        meta_lr=0.00096,
+        beta=0.195,
+        num_layers=16,
+        block_size=4,
+        seed=0,
+        meta_optimizer="adam",
+        name="lodo",
+        **kwargs,
+    ):
+        kwargs.pop("learning_rate", None)
+        super().__init__(learning_rate=initial_lr, name=name, **kwargs)
+        algorithm.LODOHyperparams(initial_lr=initial_lr, meta_lr=meta_lr, beta=beta)  # validates
+        self.meta_lr = float(meta_lr)
+        self.beta = float(beta)
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.seed = int(seed)
+        self.meta_optimizer_name = meta_optimizer
+        self._preconditioner = algorithm.BlockPermutationPreconditioner(num_layers, block_size)
+        self._preconditioner.network(1)  # validates num_layers and block_size now, not at build
+        self._meta = meta_optimizers.make(meta_optimizer, self.meta_lr)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        dtypes = {v.dtype for v in variables}
+        self._state_dtype = sorted(dtypes)[0] if len(dtypes) == 1 else keras.config.floatx()
+        self._sizes = [int(np.prod(v.shape)) for v in variables]
+        n = sum(self._sizes)
+        initial = algorithm.init(n, [self.seed], self._preconditioner, self._meta, dtype=self._state_dtype)
+        self._treedef = initial
+        self._state_variables = [
+            self.add_variable(
+                shape=leaf.shape,
+                initializer=lambda shape, dtype, value=leaf: tf.cast(value, dtype),
+                dtype=leaf.dtype.name,
+                name=f"lodo_state_{i}",
+            )
+            for i, leaf in enumerate(tf.nest.flatten(initial))
+        ]
+
+    @property
+    def num_state_elements(self) -> int:
+        """Entries of optimizer state (for memory reports)."""
+        return int(sum(np.prod(v.shape) for v in self._state_variables))
+
+    def state(self) -> algorithm.LODOState:
+        """The current state as a ``LODOState`` (for diagnostics and tests)."""
+        return tf.nest.pack_sequence_as(self._treedef, [v.value for v in self._state_variables])
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        variables = [v.value if isinstance(v, backend.Variable) else v for v in trainable_variables]
+        pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        # Keras drops variables whose gradient is None; LODO needs every slot.
+        by_index = {self._get_variable_index(v): g for (g, _), v in zip(pairs, trainable_variables)}
+        full = [
+            by_index.get(i, tf.zeros(v.shape, v.dtype)) for i, v in enumerate(self._trainable_variables)
+        ]
+        all_variables = [v.value for v in self._trainable_variables]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_joint_update, self._distribution_strategy, full, all_variables, learning_rate
+        )
+
+    def _distributed_joint_update(self, distribution, grads, variables, learning_rate):
+        # Anchored on one state variable, ``update`` runs the function once per
+        # device with that device's copies of every argument.
+        anchor = self._state_variables[0].value
+        state_vars = [v.value for v in self._state_variables]
+        distribution.extended.update(
+            anchor, self._joint_update, args=(grads, variables, state_vars, learning_rate), group=False
+        )
+
+    def _joint_update(self, _anchor, grads, variables, state_vars, learning_rate):
+        dtype = self._state_dtype
+        flat_grad = tf.concat([tf.reshape(tf.cast(g, dtype), [-1]) for g in grads], axis=0)[None]
+        state = tf.nest.pack_sequence_as(self._treedef, [v.read_value() for v in state_vars])
+        step, state = algorithm.update(
+            state,
+            flat_grad,
+            alpha=learning_rate,
+            beta=self.beta,
+            preconditioner=self._preconditioner,
+            meta_optimizer=self._meta,
+        )
+        for var, value in zip(state_vars, tf.nest.flatten(state)):
+            var.assign(value)
+        for var, piece in zip(variables, tf.split(step[0], self._sizes)):
+            var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("learning_rate", None)
+        config.update(
+            initial_lr=float(self._learning_rate.numpy()) if hasattr(self._learning_rate, "numpy") else self._learning_rate,
+            meta_lr=self.meta_lr,
+            beta=self.beta,
+            num_layers=self.num_layers,
+            block_size=self.block_size,
+            seed=self.seed,
+            meta_optimizer=self.meta_optimizer_name,
+        )
+        return config

@@ -1,0 +1,61 @@
+"""Optimizers of LODO's own weights φ, as (init, update) pairs over tuples of tensors.
+
+φ lives inside the optimizer state rather than in Keras variables, so its
+optimizer is written functionally; the Adam here follows Keras's update
+formula term for term (tested against ``keras.optimizers.Adam``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Adam:
+    learning_rate: float
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+    def init(self, params):
+        zeros = tuple(tf.zeros_like(p) for p in params)
+        return (tf.zeros([], tf.int64), zeros, zeros)
+
+    def update(self, params, grads, state):
+        count, ms, vs = state
+        count = count + 1
+        dtype = params[0].dtype
+        t = tf.cast(count, dtype)
+        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        lr = tf.cast(self.learning_rate, dtype) * tf.sqrt(1 - b2**t) / (1 - b1**t)
+        new_params, new_ms, new_vs = [], [], []
+        for p, g, m, v in zip(params, grads, ms, vs):
+            m = m + (g - m) * (1 - b1)
+            v = v + (tf.square(g) - v) * (1 - b2)
+            new_params.append(p - m * lr / (tf.sqrt(v) + tf.cast(self.epsilon, dtype)))
+            new_ms.append(m)
+            new_vs.append(v)
+        return tuple(new_params), (count, tuple(new_ms), tuple(new_vs))
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent on φ (the LODO-SGD ablation)."""
+
+    learning_rate: float
+
+    def init(self, params):
+        return ()
+
+    def update(self, params, grads, state):
+        lr = tf.cast(self.learning_rate, params[0].dtype)
+        return tuple(p - lr * g for p, g in zip(params, grads)), state
+
+
+def make(name: str, learning_rate: float):
+    table = {"adam": Adam, "sgd": SGD}
+    if name not in table:
+        raise ValueError(f"unknown LODO meta-optimizer {name!r}; choose one of {sorted(table)}")
+    return table[name](learning_rate)
