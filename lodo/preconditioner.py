@@ -135,12 +135,13 @@ def network_transpose(blocks: Sequence[tf.Tensor], inverse_perms: tf.Tensor, y: 
 
 
 def apply(blocks, perms, inverse_perms, alpha, v: tf.Tensor) -> tf.Tensor:
-    """G(φ)·v = α0·I_{n×ñ} G̃ᵀ G̃ I_{ñ×n} v for ``v`` of shape ``[S, n]``."""
-    n = v.shape[1]
-    padded = int(perms.shape[-1])
-    x = pad(v[..., None], padded)
-    y = network_transpose(blocks, inverse_perms, network_forward(blocks, perms, x))
-    return alpha * y[:, :n, 0]
+    """G(φ)·v = α0·I_{n×ñ} G̃ᵀ G̃ I_{ñ×n} v for ``v`` of shape ``[S, n]`` or ``[S, n, W]``."""
+    columns = v.shape.rank == 3
+    x = v if columns else v[..., None]
+    n = x.shape[1]
+    y = network_transpose(blocks, inverse_perms, network_forward(blocks, perms, pad(x, int(perms.shape[-1]))))
+    y = alpha * y[:, :n]
+    return y if columns else y[..., 0]
 
 
 def hypergradient(blocks, perms, inverse_perms, alpha, m: tf.Tensor, g: tf.Tensor) -> list[tf.Tensor]:

@@ -1,0 +1,133 @@
+"""The multi-seed engine for small tasks: all seeds of a configuration in one XLA program.
+
+Training runs in compiled chunks of steps (a ``tf.while_loop`` under
+``jit_compile``); between chunks the host reads the per-step losses and may
+evaluate diagnostics. Timing rules live here, once: the clock covers only the
+compiled training chunks (read after their results are on the host),
+never compilation and never metric evaluation. Seeds run concurrently, so
+every seed is charged the group's wall-clock time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from optimizers.base import EngineOptimizer, Oracle
+from tasks.base import SmallTask
+
+
+@dataclass
+class Trace:
+    """Everything a run measured, on the host."""
+
+    seeds: tuple
+    losses: list = field(default_factory=list)  # per chunk: [k, S] training loss at each step
+    chunk_ends: list = field(default_factory=list)  # (steps_done, train_time_s) after each chunk
+    hessian_errors: list = field(default_factory=list)  # (step, train_time_s, [S])
+    compile_time_s: float = 0.0
+
+    @property
+    def steps_done(self) -> int:
+        return self.chunk_ends[-1][0] if self.chunk_ends else 0
+
+    @property
+    def train_time_s(self) -> float:
+        return self.chunk_ends[-1][1] if self.chunk_ends else 0.0
+
+    def loss_matrix(self) -> np.ndarray:
+        return np.concatenate(self.losses) if self.losses else np.zeros((0, len(self.seeds)))
+
+    def time_at_step(self, steps: np.ndarray) -> np.ndarray:
+        """Training time after ``steps`` steps, linear within a chunk (its steps cost the same)."""
+        ends = np.array([(0, 0.0)] + self.chunk_ends)
+        return np.interp(steps, ends[:, 0], ends[:, 1])
+
+    def steps_within(self, seconds: float) -> int:
+        """How many steps were done within ``seconds`` of training time."""
+        ends = np.array([(0, 0.0)] + self.chunk_ends)
+        return int(math.floor(np.interp(seconds, ends[:, 1], ends[:, 0])))
+
+
+class Engine:
+    """Runs one optimizer on one small task for a group of seeds."""
+
+    def __init__(self, task: SmallTask, optimizer: EngineOptimizer, seeds, chunk_size: int = 1000):
+        self.task, self.optimizer, self.seeds = task, optimizer, tuple(int(s) for s in seeds)
+        self.chunk_size = int(chunk_size)
+        self.problem = task.setup(self.seeds)
+        self.params = tf.Variable(self.problem.initial_params, trainable=False, name="params")
+        self.batch_state = tf.Variable(self.problem.initial_batch_state, trainable=False, name="batch")
+        self.step_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        optimizer.build(self.params, self.seeds)
+        self._chunk = tf.function(self._train_chunk, jit_compile=True)
+        self._hessian_error = tf.function(self._compute_hessian_error, jit_compile=True)
+
+    def _oracle(self, batch) -> Oracle:
+        return Oracle(
+            loss_and_grad=lambda p: self.task.loss_and_grad(self.problem, p, batch),
+            hessian=lambda p: self.task.hessian(self.problem, p, batch),
+        )
+
+    def _train_chunk(self, num_steps):
+        losses = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=[len(self.seeds)])
+        for k in tf.range(num_steps):
+            batch = self.task.next_batch(self.problem, self.batch_state.read_value(), self.step_count.read_value())
+            self.batch_state.assign(batch)
+            oracle = self._oracle(batch)
+            loss, grad = oracle.loss_and_grad(self.params.read_value())
+            losses = losses.write(k, loss)
+            self.optimizer.step(self.params, grad, oracle)
+            self.step_count.assign_add(1)
+        return losses.stack()
+
+    def _compute_hessian_error(self):
+        """‖I − G H‖_F / √n per seed, with H the task's exact Hessian (SPEC §1.4)."""
+        hessian = self._oracle(self.batch_state.read_value()).hessian(self.params.read_value())
+        product = self.optimizer.preconditioner_times(hessian)
+        n = hessian.shape[-1]
+        residual = tf.eye(n, dtype=hessian.dtype)[None] - product
+        return tf.sqrt(tf.reduce_sum(tf.square(residual), axis=[1, 2]) / n)
+
+    @property
+    def has_preconditioner(self) -> bool:
+        return self.optimizer.preconditioner_times(tf.zeros([len(self.seeds), self.task.num_params, 1], self.task.dtype)) is not None
+
+    def compile(self, trace: Trace) -> None:
+        start = time.perf_counter()
+        self._chunk(tf.constant(0)).numpy()
+        if self.has_preconditioner:
+            self._hessian_error().numpy()
+        trace.compile_time_s += time.perf_counter() - start
+
+    def run(self, steps: int, time_budget_s: float | None = None, hessian_every: int = 0, progress=None) -> Trace:
+        """Train until ``steps`` steps are done and, if given, ``time_budget_s`` seconds of training."""
+        trace = Trace(self.seeds)
+        self.compile(trace)
+        track_hessian = hessian_every > 0 and self.has_preconditioner
+        if track_hessian:
+            trace.hessian_errors.append((0, 0.0, self._hessian_error().numpy()))
+        done, clock = 0, 0.0
+        while done < steps or (time_budget_s is not None and clock < time_budget_s):
+            k = self.chunk_size
+            if done < steps:
+                k = min(k, steps - done)  # a chunk ends exactly at the step budget
+            if track_hessian:
+                k = min(k, hessian_every - done % hessian_every)
+            start = time.perf_counter()
+            losses = self._chunk(tf.constant(k)).numpy()[:k]
+            clock += time.perf_counter() - start
+            done += k
+            trace.losses.append(losses)
+            trace.chunk_ends.append((done, clock))
+            if track_hessian and done % hessian_every == 0:
+                trace.hessian_errors.append((done, clock, self._hessian_error().numpy()))
+            if progress is not None:
+                progress(done, clock, losses)
+            if not np.isfinite(losses[-1]).any():
+                break  # every seed diverged: nothing left to learn
+        return trace
