@@ -99,8 +99,8 @@ def init(
 def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimizer):
     """One LODO step: returns ``(step, new_state)``; the caller does θ ← θ − step."""
     grad = tf.convert_to_tensor(grad, dtype=state.momentum.dtype)
-    alpha = tf.cast(alpha, grad.dtype)
-    beta = tf.cast(beta, grad.dtype)
+    alpha = meta_optimizers.scalar(alpha, grad.dtype)
+    beta = meta_optimizers.scalar(beta, grad.dtype)
     hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, state.momentum, grad)
     weights, meta = meta_optimizer.update(state.weights, hyper, state.meta)
     momentum = beta * state.momentum + (1 - beta) * grad

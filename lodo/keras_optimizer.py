@@ -19,6 +19,11 @@ from keras.src import backend
 from lodo import algorithm, meta_optimizers
 
 
+def _tf_variable(v):
+    """The ``tf.Variable`` under a Keras variable (plain ``tf.Variable``s pass through)."""
+    return v.value if isinstance(v, backend.Variable) else v
+
+
 @keras.saving.register_keras_serializable(package="lodo")
 class LODO(keras.optimizers.Optimizer):
     """Learning to Optimize During Optimization (Liao et al., TMLR 2023).
@@ -89,14 +94,13 @@ class LODO(keras.optimizers.Optimizer):
         return tf.nest.pack_sequence_as(self._treedef, [v.value for v in self._state_variables])
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        variables = [v.value if isinstance(v, backend.Variable) else v for v in trainable_variables]
-        pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        pairs = self._all_reduce_sum_gradients(list(zip(grads, map(_tf_variable, trainable_variables))))
         # Keras drops variables whose gradient is None; LODO needs every slot.
         by_index = {self._get_variable_index(v): g for (g, _), v in zip(pairs, trainable_variables)}
         full = [
             by_index.get(i, tf.zeros(v.shape, v.dtype)) for i, v in enumerate(self._trainable_variables)
         ]
-        all_variables = [v.value for v in self._trainable_variables]
+        all_variables = [_tf_variable(v) for v in self._trainable_variables]
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_joint_update, self._distribution_strategy, full, all_variables, learning_rate
         )

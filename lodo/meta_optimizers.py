@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 
+def scalar(value, dtype) -> tf.Tensor:
+    """``value`` in ``dtype``; a Python float goes straight in (``tf.cast`` would round it through float32)."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
+
+
 @dataclass(frozen=True)
 class Adam:
     learning_rate: float
@@ -28,13 +35,13 @@ class Adam:
         count = count + 1
         dtype = params[0].dtype
         t = tf.cast(count, dtype)
-        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        lr = tf.cast(self.learning_rate, dtype) * tf.sqrt(1 - b2**t) / (1 - b1**t)
+        b1, b2 = scalar(self.beta_1, dtype), scalar(self.beta_2, dtype)
+        lr = scalar(self.learning_rate, dtype) * tf.sqrt(1 - b2**t) / (1 - b1**t)
         new_params, new_ms, new_vs = [], [], []
         for p, g, m, v in zip(params, grads, ms, vs):
             m = m + (g - m) * (1 - b1)
             v = v + (tf.square(g) - v) * (1 - b2)
-            new_params.append(p - m * lr / (tf.sqrt(v) + tf.cast(self.epsilon, dtype)))
+            new_params.append(p - m * lr / (tf.sqrt(v) + scalar(self.epsilon, dtype)))
             new_ms.append(m)
             new_vs.append(v)
         return tuple(new_params), (count, tuple(new_ms), tuple(new_vs))
@@ -50,7 +57,7 @@ class SGD:
         return ()
 
     def update(self, params, grads, state):
-        lr = tf.cast(self.learning_rate, params[0].dtype)
+        lr = scalar(self.learning_rate, params[0].dtype)
         return tuple(p - lr * g for p, g in zip(params, grads)), state
 
 

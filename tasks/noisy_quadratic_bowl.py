@@ -12,6 +12,20 @@ def eigenvalues(dim: int, eig_min: float, eig_max: float) -> np.ndarray:
     return np.geomspace(eig_min, eig_max, dim)
 
 
+@tf.function(jit_compile=True)
+def _standard_normal(keys, step, dim, dtype):
+    """ξ ~ N(0, I) per seed, from stateless Philox keyed by (seed, step).
+
+    One draw per seed keeps a seed's noise independent of the seeds beside it.
+    Always compiled with XLA: XLA's stateless kernels give other numbers than
+    TensorFlow's, and the engine runs under XLA, so every caller must too.
+    """
+    return tf.stack([
+        tf.random.stateless_normal([dim], seed=tf.stack([keys[i], step]), dtype=dtype, alg="philox")
+        for i in range(keys.shape[0])
+    ])
+
+
 class NoisyQuadraticBowl(SmallTask):
     """L(θ) = ½(θ − c)ᵀH(θ − c), H = U diag(λ) Uᵀ, with c ← c + ξ, ξ ~ N(0, σ²I), per batch."""
 
@@ -41,17 +55,9 @@ class NoisyQuadraticBowl(SmallTask):
         return Problem(tuple(seeds), {"hessian": tf.constant(hess, self.dtype), "noise_keys": keys}, zeros, zeros)
 
     def next_batch(self, problem, center, step):
-        # One stateless draw per seed keeps each seed's noise independent of the group.
         scale = tf.cast(np.sqrt(self.noise_variance), self.dtype)
-        step = tf.cast(step, tf.int64)
-        keys = problem.constants["noise_keys"]
-        noise = tf.stack(
-            [
-                tf.random.stateless_normal([self.num_params], seed=tf.stack([keys[i], step]), dtype=self.dtype)
-                for i in range(len(problem.seeds))
-            ]
-        )
-        return center + scale * noise
+        return center + scale * _standard_normal(problem.constants["noise_keys"], tf.cast(step, tf.int64),
+                                                 self.num_params, self.dtype)
 
     def loss(self, problem, params, center):
         d = params - center
