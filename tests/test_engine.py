@@ -61,7 +61,7 @@ def test_keras_optimizers_in_the_engine_match_numpy_per_seed():
         state = {"m": 0.0}
 
         def update(theta, g, t):
-            state["m"] = mu * state["m"] - lr * g
+            state["m"] = float(np.float32(mu)) * state["m"] - lr * g  # Keras casts μ via float32
             return theta + state["m"]
         return update
 
