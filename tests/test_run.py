@@ -1,0 +1,124 @@
+"""The Hydra runner: composition, run folders, multirun, reports, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lodo.run import CONFIG_DIR, ConfigError, check_group_choices, run_small_task, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def composed(*overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "lodo.run", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_defaults_are_lodo_on_the_bowl_with_the_papers_hyperparameters():
+    cfg = composed()
+    assert cfg.task.name == "noisy_quadratic_bowl" and cfg.optimizer.name == "lodo"
+    assert (cfg.optimizer.initial_lr, cfg.optimizer.meta_lr, cfg.optimizer.beta) == (0.270, 0.00096, 0.195)
+    assert (cfg.optimizer.num_layers, cfg.optimizer.block_size) == (16, 4)
+    assert cfg.steps == 100000 and cfg.num_seeds == 8
+
+
+def test_tuned_values_follow_the_task_and_command_line_overrides_win():
+    cfg = composed("task=rosenbrock", "optimizer=adam")
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.beta_1, cfg.optimizer.beta_2) == (0.9704, 0.864, 0.99804)
+    assert cfg.steps == 200
+    cfg = composed("task=rosenbrock", "optimizer=lodo", "optimizer.meta_lr=0.5")
+    assert cfg.optimizer.meta_lr == 0.5 and cfg.optimizer.beta == 0.897
+
+
+def test_a_run_writes_its_folder(tmp_path):
+    cfg = composed("steps=300", "num_seeds=2", "seed=3", "hessian_every=100", "progress=false", "chunk_size=100")
+    summary = run_small_task(cfg, tmp_path)
+    for name in ("config.yaml", "curve.csv", "summary.json"):
+        assert (tmp_path / name).is_file()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("task", "optimizer", "steps", "seeds", "loss_final_mean", "loss_final_std", "loss_final_per_seed",
+                "diverged", "num_params", "train_time_s", "seed_steps_per_s"):
+        assert key in on_disk, key
+    assert on_disk["seeds"] == [3, 4] and on_disk["steps"] == 300 and on_disk["num_params"] == 100
+    assert on_disk["diverged"] == 0 and on_disk["loss_final_mean"] == pytest.approx(summary["loss_final_mean"])
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert set(curve.seed) == {3, 4} and curve.step.max() == 300
+    assert curve.hessian_error.notna().sum() == 2 * 4  # steps 0, 100, 200, 300 for both seeds
+    per_seed = curve[curve.step > 0].dropna(subset=["loss"]).groupby("seed").loss.last()
+    assert per_seed.notna().all()
+    assert "optimizer:\n  name: lodo" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["steps=0"], "steps must be a positive integer"),
+    (["num_seeds=-2"], "num_seeds must be a positive integer"),
+    (["time_budget_s=-5"], "time_budget_s must be a positive number"),
+    (["seed=-1"], "seed must be a non-negative integer"),
+])
+def test_bad_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(composed(*overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["task=mnist"], "unknown task 'mnist'; valid task names: noisy_quadratic_bowl, rosenbrock"),
+    (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adam, lodo, momentum, newton, rmsprop"),
+    (["-m", "optimizer=adam,sgdd"], "unknown optimizer 'sgdd'"),
+    (["experiment=table9"], "unknown experiment 'table9'"),
+])
+def test_unknown_names_are_rejected_before_composition(argv, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        check_group_choices(argv)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_errors_exit_nonzero_with_one_line(tmp_path):
+    result = cli("optimizer=sgdd", f"hydra.run.dir={tmp_path}/a")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown optimizer 'sgdd'; valid optimizer names:")
+    result = cli("optimizer.meta_lr=abc", "steps=10", f"hydra.run.dir={tmp_path}/b")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: optimizer.meta_lr must be a number, got 'abc'"
+    assert not (tmp_path / "b" / "summary.json").exists()
+    result = cli("optimizer.not_a_key=1", f"hydra.run.dir={tmp_path}/c")  # Hydra's own message
+    assert result.returncode != 0 and "Could not override 'optimizer.not_a_key'" in result.stderr
+
+
+def test_multirun_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("-m", "optimizer=adam,lodo", "seed=0,1", "num_seeds=1", "steps=60", "chunk_size=30",
+                 "progress=false", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${optimizer.name}_${seed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert folders == ["adam_0", "adam_1", "lodo_0", "lodo_1"]
+    assert json.loads((sweep / "lodo_1" / "summary.json").read_text())["seeds"] == [1]
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("adam", "lodo"):
+        (sweep / f"{name}_0").rename(runs / name)
+    (runs / "crashed").mkdir()  # a job that left no summary.json
+    out = tmp_path / "results"
+    report = subprocess.run([sys.executable, "scripts/report_table1.py", str(runs), str(out)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "skipped unfinished or crashed runs: crashed" in report.stderr
+    table = pd.read_csv(out / "table1.csv")
+    assert list(table.optimizer) == ["adam", "lodo"]
+    assert {"loss_100k_mean", "diverged", "seed_steps_per_s"} <= set(table.columns)
+    assert "| LODO |" in (out / "table1.md").read_text() and "\\begin{tabular}" in (out / "table1.tex").read_text()
+    assert (out / "figure2.png").stat().st_size > 10_000 and (out / "figure2.pdf").exists()
