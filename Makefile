@@ -26,7 +26,7 @@ reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) 
 	$(MAKE) report-table1
 
 report-table1: install  ## rebuild results/table1.* and figure2.* from runs/table1 without training
-	$(RUN) scripts/report_table1.py runs/table1 results
+	$(RUN) scripts/report_table1.py runs/table1 results --readme README.md
 
 bench: install  ## throughput of LODO and Adam on the bowl -> results/bench.md
 	$(RUN) scripts/bench.py --out results/bench.md

@@ -87,9 +87,11 @@ def paper_cell(value) -> str:
     return "?" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
-def markdown(table: pd.DataFrame, optimum: float | None) -> str:
+def markdown(table: pd.DataFrame, optimum: float | None, seconds) -> str:
+    steps = int(table.steps.max())
     lines = [
-        "| Optimizer | Loss at 100k steps | Paper | Loss at 300 s | Paper | Steps in 300 s | Seed-steps/s |",
+        f"| Optimizer | Loss at {steps:,} steps | Paper (100k) | Loss at {seconds} s | Paper (300 s) "
+        f"| Steps in {seconds} s | Seed-steps/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
@@ -153,11 +155,22 @@ def figure(curves: dict, summaries: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
+def paste_into_readme(readme: Path, table_md: str) -> None:
+    text = readme.read_text()
+    start, end = "<!-- table1 -->", "<!-- /table1 -->"
+    if start not in text or end not in text:
+        print(f"note: {readme} has no {start} … {end} markers; not updated", file=sys.stderr)
+        return
+    head, rest = text.split(start, 1)
+    atomic_write_text(readme, head + start + "\n" + table_md + rest[rest.index(end):])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--paper", type=Path, default=ROOT / "results" / "paper" / "table1.csv")
+    parser.add_argument("--readme", type=Path, help="also paste the table between <!-- table1 --> markers here")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         print(f"error: no run folder {args.runs_dir}; run `make reproduce-table1` first", file=sys.stderr)
@@ -171,10 +184,13 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     table = build_table(summaries, pd.read_csv(args.paper, dtype=str, keep_default_na=False).replace("", None))
     optimum = next((s.get("optimum_loss") for s in summaries.values() if s.get("optimum_loss")), None)
+    seconds = next((s["time_budget"]["seconds"] for s in summaries.values() if "time_budget" in s), "–")
     write_csv(args.out_dir / "table1.csv", table)
-    atomic_write_text(args.out_dir / "table1.md", markdown(table, optimum))
+    atomic_write_text(args.out_dir / "table1.md", markdown(table, optimum, seconds))
     atomic_write_text(args.out_dir / "table1.tex", latex(table))
     figure(curves, summaries, args.out_dir)
+    if args.readme:
+        paste_into_readme(args.readme, markdown(table, optimum, seconds))
     print((args.out_dir / "table1.md").read_text())
     return 0
 
