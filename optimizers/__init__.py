@@ -1,41 +1,51 @@
 """Optimizers by name, as the runner's ``optimizer=`` config group names them.
 
-Adam, Momentum (heavy ball) and RMSprop are Keras's own implementations, run on
-the engine's ``[S, n]`` parameter variable; being element-wise, they treat
-every seed independently.
+The registry maps each config name to ``"module:factory"``; a factory's
+keyword arguments are the optimizer's hyperparameters (the keys of its YAML in
+``configs/optimizer/``). Modules are imported on first use, so one
+optimizer's dependencies never slow down or break another's.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
-import keras
-
 from optimizers.base import EngineOptimizer, FunctionalOptimizer, KerasOptimizer, Oracle
-from optimizers.newton import Newton
-from lodo.multi_seed import MultiSeedLODO  # noqa: E402  (imports optimizers.base)
+
+REGISTRY = {
+    "adam": "optimizers.keras_builtins:adam",
+    "momentum": "optimizers.keras_builtins:momentum",
+    "rmsprop": "optimizers.keras_builtins:rmsprop",
+    "yogi": "optimizers.yogi:engine_yogi",
+    "lars": "optimizers.lars:engine_lars",
+    "lbfgs": "optimizers.lbfgs:LBFGS",
+    "olbfgs": "optimizers.lbfgs:OLBFGS",
+    "bfgs": "optimizers.bfgs:BFGS",
+    "levenberg_marquardt": "optimizers.levenberg_marquardt:LevenbergMarquardt",
+    "newton": "optimizers.newton:Newton",
+    "l2lbgdbgd": "optimizers.l2lbgdbgd:L2LBGDBGD",
+    "lodo": "lodo.multi_seed:MultiSeedLODO",
+    "lodo_diagonal": "lodo.multi_seed:MultiSeedLODODiagonal",
+    "lodo_global": "lodo.multi_seed:MultiSeedLODOGlobal",
+    "lodo_residuals": "lodo.multi_seed:MultiSeedLODOResiduals",
+    "lodo_no_momentum": "lodo.multi_seed:MultiSeedLODONoMomentum",
+    "lodo_sgd": "lodo.multi_seed:MultiSeedLODOSGD",
+}
 
 
-def _adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-    return KerasOptimizer("adam", keras.optimizers.Adam(learning_rate, beta_1, beta_2, epsilon))
-
-
-def _momentum(learning_rate=0.01, momentum=0.9):
-    return KerasOptimizer("momentum", keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=False))
-
-
-def _rmsprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7):
-    return KerasOptimizer("rmsprop", keras.optimizers.RMSprop(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon))
-
-
-REGISTRY = {"adam": _adam, "momentum": _momentum, "rmsprop": _rmsprop, "newton": Newton, "lodo": MultiSeedLODO}
+def factory(name: str):
+    """The callable that builds optimizer ``name``, or a one-line ValueError listing valid names."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(sorted(REGISTRY))}")
+    module, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build(name: str, **hparams) -> EngineOptimizer:
     """The engine optimizer ``name`` with the given hyperparameters, or a one-line ValueError."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(sorted(REGISTRY))}")
-    accepted = inspect.signature(REGISTRY[name]).parameters
+    make = factory(name)
+    accepted = inspect.signature(make).parameters
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise ValueError(
@@ -46,7 +56,7 @@ def build(name: str, **hparams) -> EngineOptimizer:
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
-    return REGISTRY[name](**hparams)
+    return make(**hparams)
 
 
-__all__ = ["EngineOptimizer", "FunctionalOptimizer", "KerasOptimizer", "Oracle", "build", "REGISTRY"]
+__all__ = ["EngineOptimizer", "FunctionalOptimizer", "KerasOptimizer", "Oracle", "build", "factory", "REGISTRY"]
