@@ -34,6 +34,13 @@ def test_defaults_are_lodo_on_the_bowl_with_the_papers_hyperparameters():
     assert cfg.steps == 100000 and cfg.num_seeds == 8
 
 
+def test_an_experiment_overrides_the_main_config():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=table1"], return_hydra_config=True)
+    assert (cfg.steps, cfg.num_seeds, cfg.time_budget_s) == (100000, 8, 300)
+    assert cfg.hydra.sweep.dir == "runs/table1"
+
+
 def test_tuned_values_follow_the_task_and_command_line_overrides_win():
     cfg = composed("task=rosenbrock", "optimizer=adam")
     assert (cfg.optimizer.learning_rate, cfg.optimizer.beta_1, cfg.optimizer.beta_2) == (0.9704, 0.864, 0.99804)
