@@ -59,4 +59,16 @@ def build(name: str, **hparams) -> EngineOptimizer:
     return make(**hparams)
 
 
-__all__ = ["EngineOptimizer", "FunctionalOptimizer", "KerasOptimizer", "Oracle", "build", "factory", "REGISTRY"]
+# The Keras optimizers this package adds, for ``from optimizers import Yogi, LARS``
+# (imported on first access, like the registry's modules).
+KERAS_OPTIMIZERS = {"Yogi": "optimizers.yogi", "LARS": "optimizers.lars"}
+
+
+def __getattr__(name):
+    if name in KERAS_OPTIMIZERS:
+        return getattr(importlib.import_module(KERAS_OPTIMIZERS[name]), name)
+    raise AttributeError(f"module 'optimizers' has no attribute {name!r}")
+
+
+__all__ = ["EngineOptimizer", "FunctionalOptimizer", "KerasOptimizer", "Oracle", "build", "factory", "REGISTRY",
+           *KERAS_OPTIMIZERS]
