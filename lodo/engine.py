@@ -6,6 +6,10 @@ evaluate diagnostics. Timing rules live here, once: the clock covers only the
 compiled training chunks (read after their results are on the host),
 never compilation and never metric evaluation. Seeds run concurrently, so
 every seed is charged the group's wall-clock time.
+
+For tiny tasks (Rosenbrock's 2 parameters) the chunk can also stack the
+parameters of every step (``record_params``), so a run can save its whole
+trajectory; big tasks leave it off, and their compiled chunk is unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Trace:
     chunk_ends: list = field(default_factory=list)  # (steps_done, train_time_s) after each chunk
     hessian_errors: list = field(default_factory=list)  # (step, train_time_s, [S])
     compile_time_s: float = 0.0
+    params: list = field(default_factory=list)  # with record_params, per chunk: [k, S, n] params before each step
+    final_params: np.ndarray | None = None  # with record_params: [S, n] after the last step
 
     @property
     def steps_done(self) -> int:
@@ -47,6 +53,12 @@ class Trace:
         ends = np.array([(0, 0.0)] + self.chunk_ends)
         return np.interp(steps, ends[:, 0], ends[:, 1])
 
+    def trajectory(self) -> np.ndarray:
+        """``[steps_done + 1, S, n]``: row t holds θ_t, the point where step t's loss was measured."""
+        if self.final_params is None:
+            raise ValueError("the run did not record its parameters (Engine(record_params=True))")
+        return np.concatenate(self.params + [self.final_params[None]])
+
     def steps_within(self, seconds: float) -> int:
         """How many steps were done within ``seconds`` of training time."""
         ends = np.array([(0, 0.0)] + self.chunk_ends)
@@ -56,15 +68,18 @@ class Trace:
 class Engine:
     """Runs one optimizer on one small task for a group of seeds."""
 
-    def __init__(self, task: SmallTask, optimizer: EngineOptimizer, seeds, chunk_size: int = 1000):
+    def __init__(self, task: SmallTask, optimizer: EngineOptimizer, seeds, chunk_size: int = 1000,
+                 record_params: bool = False):
         self.task, self.optimizer, self.seeds = task, optimizer, tuple(int(s) for s in seeds)
         self.chunk_size = int(chunk_size)
+        self.record_params = bool(record_params)
         self.problem = task.setup(self.seeds)
         self.params = tf.Variable(self.problem.initial_params, trainable=False, name="params")
         self.batch_state = tf.Variable(self.problem.initial_batch_state, trainable=False, name="batch")
         self.step_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         optimizer.build(self.params, self.seeds)
-        self._chunk = tf.function(self._train_chunk, jit_compile=True)
+        chunk = self._train_chunk_recording if self.record_params else self._train_chunk
+        self._chunk = tf.function(chunk, jit_compile=True)
         self._hessian_error = tf.function(self._compute_hessian_error, jit_compile=True)
 
     def _oracle(self, batch) -> Oracle:
@@ -73,17 +88,29 @@ class Engine:
             hessian=lambda p: self.task.hessian(self.problem, p, batch),
         )
 
+    def _train_step(self):
+        """One step on a fresh minibatch; returns the loss at the parameters before the step."""
+        batch = self.task.next_batch(self.problem, self.batch_state.read_value(), self.step_count.read_value())
+        self.batch_state.assign(batch)
+        oracle = self._oracle(batch)
+        loss, grad = oracle.loss_and_grad(self.params.read_value())
+        self.optimizer.step(self.params, grad, oracle)
+        self.step_count.assign_add(1)
+        return loss
+
     def _train_chunk(self, num_steps):
         losses = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=[len(self.seeds)])
         for k in tf.range(num_steps):
-            batch = self.task.next_batch(self.problem, self.batch_state.read_value(), self.step_count.read_value())
-            self.batch_state.assign(batch)
-            oracle = self._oracle(batch)
-            loss, grad = oracle.loss_and_grad(self.params.read_value())
-            losses = losses.write(k, loss)
-            self.optimizer.step(self.params, grad, oracle)
-            self.step_count.assign_add(1)
+            losses = losses.write(k, self._train_step())
         return losses.stack()
+
+    def _train_chunk_recording(self, num_steps):
+        losses = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=[len(self.seeds)])
+        visited = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=self.params.shape)
+        for k in tf.range(num_steps):
+            visited = visited.write(k, self.params.read_value())
+            losses = losses.write(k, self._train_step())
+        return losses.stack(), visited.stack()
 
     def _compute_hessian_error(self):
         """‖I − G H‖_F / √n per seed, with H the task's exact Hessian (SPEC §1.4)."""
@@ -99,7 +126,7 @@ class Engine:
 
     def compile(self, trace: Trace) -> None:
         start = time.perf_counter()
-        self._chunk(tf.constant(0)).numpy()
+        [t.numpy() for t in tf.nest.flatten(self._chunk(tf.constant(0)))]
         if self.has_preconditioner:
             self._hessian_error().numpy()
         trace.compile_time_s += time.perf_counter() - start
@@ -119,8 +146,11 @@ class Engine:
             if track_hessian:
                 k = min(k, hessian_every - done % hessian_every)
             start = time.perf_counter()
-            losses = self._chunk(tf.constant(k)).numpy()[:k]
+            result = [t.numpy()[:k] for t in tf.nest.flatten(self._chunk(tf.constant(k)))]
             clock += time.perf_counter() - start
+            losses = result[0]
+            if self.record_params:
+                trace.params.append(result[1])
             done += k
             trace.losses.append(losses)
             trace.chunk_ends.append((done, clock))
@@ -130,4 +160,6 @@ class Engine:
                 progress(done, clock, losses)
             if not np.isfinite(losses[-1]).any():
                 break  # every seed diverged: nothing left to learn
+        if self.record_params:
+            trace.final_params = self.params.numpy()
         return trace

@@ -32,6 +32,27 @@ def loss_at(trace: Trace, task, steps: int) -> dict:
     }
 
 
+def divergence_steps(losses: np.ndarray, reference: np.ndarray, factor: float) -> list:
+    """Per seed, the first step whose loss is non-finite or above ``factor`` × ``reference``; None if none.
+
+    ``losses`` is ``[steps, S]`` (step t: the loss at θ_t); ``factor = inf``
+    finds the first non-finite loss only.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~np.isfinite(losses) | (losses > factor * np.asarray(reference)[None])
+    return [int(np.argmax(column)) if column.any() else None for column in bad.T]
+
+
+def trajectory(trace: Trace) -> pd.DataFrame:
+    """Long table (seed, step, theta_0 … theta_{n−1}): θ_t for t = 0 … steps, per seed."""
+    points = trace.trajectory()  # [T + 1, S, n]
+    steps, num_seeds, n = points.shape
+    frame = pd.DataFrame(points.transpose(1, 0, 2).reshape(-1, n), columns=[f"theta_{i}" for i in range(n)])
+    frame.insert(0, "step", np.tile(np.arange(steps), num_seeds))
+    frame.insert(0, "seed", np.repeat(np.array(trace.seeds), steps))
+    return frame
+
+
 def learning_curve(trace: Trace, log_every: int) -> pd.DataFrame:
     """Long table (seed, step, train_time_s, loss, hessian_error).
 

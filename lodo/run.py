@@ -1,7 +1,9 @@
 """The runner: ``python -m lodo.run task=… optimizer=… steps=… seed=… num_seeds=…``.
 
 Each run folder receives ``config.yaml`` (resolved), ``curve.csv`` (learning
-curve), ``summary.json`` and TensorBoard events under ``tb/``.
+curve), ``summary.json`` and TensorBoard events under ``tb/``; tiny tasks also
+get ``trajectory.csv`` (the parameters at every step), and the
+frozen-preconditioner test (``frozen.steps=N``) ``frozen_curve.csv``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CHECKED_GROUPS = ("task", "optimizer", "experiment")
+TRAJECTORY_MAX_PARAMS = 10  # record_trajectory=null saves trajectory.csv up to this many parameters
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,16 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{key} must be a non-negative integer or null, got {value!r}")
+    if cfg.get("record_trajectory") not in (None, True, False):
+        raise ConfigError(f"record_trajectory must be true, false or null, got {cfg.record_trajectory!r}")
+    frozen = cfg.get("frozen")
+    if frozen is not None:
+        steps = frozen.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"frozen.steps must be a non-negative integer (0: no frozen test), got {steps!r}")
+        factor = frozen.get("divergence_factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+            raise ConfigError(f"frozen.divergence_factor must be a number above 1, got {factor!r}")
 
 
 def options(node: DictConfig) -> dict:
@@ -97,10 +110,23 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
     steps = cfg.steps
     log_every = cfg.log_every or max(1, steps // 1000)
     hessian_every = max(cfg.chunk_size, steps // 20) if cfg.hessian_every is None else cfg.hessian_every
+    record = cfg.get("record_trajectory")
+    record = task.num_params <= TRAJECTORY_MAX_PARAMS if record is None else bool(record)
+    frozen = cfg.get("frozen") or {}
+    frozen_task = None
+    if frozen.get("steps"):
+        if type(optimizer).preconditioner_times is optimizers.EngineOptimizer.preconditioner_times:
+            raise ConfigError(f"the frozen test needs an optimizer with a learned preconditioner (e.g. lodo), "
+                              f"not {cfg.optimizer.name!r}")
+        try:
+            frozen_task = tasks.build(cfg.task.name, **{k: v for k, v in options(cfg.task).items() if k != "steps"},
+                                      problem_offset=frozen.problem_offset)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"frozen test: {err}") from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs.atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    engine = Engine(task, optimizer, seeds, chunk_size=min(cfg.chunk_size, steps))
+    engine = Engine(task, optimizer, seeds, chunk_size=min(cfg.chunk_size, steps), record_params=record)
     writer = tf.summary.create_file_writer(str(out_dir / "tb"))
     bar = tqdm(total=steps, desc=f"{cfg.optimizer.name} on {cfg.task.name}", unit="step",
                disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -126,6 +152,7 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
         "task": cfg.task.name,
         "optimizer": cfg.optimizer.name,
         "hyperparameters": options(cfg.optimizer),
+        "task_options": options(cfg.task),
         "steps": final["steps"],
         "seeds": seeds,
         "loss_final_mean": final["loss_mean"],
@@ -147,9 +174,56 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
         step, _, errors = trace.hessian_errors[-1]
         summary["hessian_error_final"] = {"step": step, "mean": float(np.mean(errors)), "per_seed": errors.tolist()}
     outputs.write_csv(out_dir / "curve.csv", metrics.learning_curve(trace, log_every))
+    if record:
+        outputs.write_csv(out_dir / "trajectory.csv", metrics.trajectory(trace))
+    if frozen_task is not None:
+        summary["frozen"] = {"after_steps": trace.steps_done,
+                             **frozen_test(frozen, frozen_task, task, optimizer, seeds, cfg.chunk_size, out_dir)}
     outputs.write_json(out_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
+
+
+def frozen_test(frozen, new_task, task, optimizer, seeds, chunk_size, out_dir: Path) -> dict:
+    """SPEC §1.4: the trained G(φ), frozen, on a new problem and (as a control) on the one it learned.
+
+    Both start afresh (θ0, batch state and momentum reset); the trained
+    optimizer's state is only read. Writes ``frozen_curve.csv``.
+    """
+    import pandas as pd
+
+    from lodo import outputs
+    from lodo.frozen import frozen_summary
+
+    result = {"steps": frozen.steps, "problem_offset": frozen.problem_offset,
+              "divergence_factor": float(frozen.divergence_factor)}
+    frames = []
+    runs = [("new", new_task)] + ([("same", task)] if frozen.get("control", True) else [])
+    for label, problem in runs:
+        summary, losses = frozen_summary(problem, optimizer, seeds, frozen.steps, frozen.divergence_factor, chunk_size)
+        if label == "new":
+            result.update(summary)
+        else:
+            result["control"] = summary
+        steps, num_seeds = losses.shape
+        frames.append(pd.DataFrame({"problem": label, "seed": sum(([s] * steps for s in seeds), []),
+                                    "step": list(range(steps)) * num_seeds, "loss": losses.T.reshape(-1)}))
+    outputs.write_csv(out_dir / "frozen_curve.csv", pd.concat(frames, ignore_index=True))
+    return result
+
+
+def format_frozen(f: dict) -> list[str]:
+    def steps(values):
+        return ", ".join("–" if v is None else str(v) for v in values)
+
+    lines = [f"  frozen G on a new problem ({f['steps']} steps): {f['diverged_seeds']}/"
+             f"{len(f['divergence_step_per_seed'])} seeds diverged (loss > {f['divergence_factor']:.0e} x initial) "
+             f"at steps [{steps(f['divergence_step_per_seed'])}]"]
+    if "control" in f:
+        c = f["control"]
+        lines.append(f"  frozen G on its own problem (control): {c['diverged_seeds']}/"
+                     f"{len(c['divergence_step_per_seed'])} seeds diverged")
+    return lines
 
 
 def format_summary(s: dict) -> str:
@@ -168,6 +242,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  analytic optimum ½·tr(H)·σ² (Newton): {s['optimum_loss']:.4g}")
     if "hessian_error_final" in s:
         lines.append(f"  Hessian approximation error ‖I − GH‖_F/√n: {s['hessian_error_final']['mean']:.4g}")
+    if "frozen" in s:
+        lines.extend(format_frozen(s["frozen"]))
     return "\n".join(lines)
 
 

@@ -18,8 +18,9 @@ PROBLEM_STREAM = 0x7A5C  # the task's fixed constants (e.g. the bowl's eigenvect
 NOISE_STREAM = 0x0A15E  # per-step minibatch randomness
 
 
-def problem_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), PROBLEM_STREAM])
+def problem_rng(seed: int, offset: int = 0) -> np.random.Generator:
+    """Seed ``seed``'s problem constants; ``offset`` k > 0 draws the seed's k-th other problem."""
+    return np.random.default_rng([int(seed), PROBLEM_STREAM] + ([int(offset)] if offset else []))
 
 
 def noise_key(seed: int) -> int:

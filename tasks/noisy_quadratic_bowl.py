@@ -31,7 +31,7 @@ class NoisyQuadraticBowl(SmallTask):
 
     name = "noisy_quadratic_bowl"
 
-    def __init__(self, dim=100, noise_variance=1.0, eig_min=0.001, eig_max=1.0, steps=100_000):
+    def __init__(self, dim=100, noise_variance=1.0, eig_min=0.001, eig_max=1.0, steps=100_000, problem_offset=0):
         if dim < 1:
             raise ValueError(f"task.dim must be a positive integer, got {dim}")
         if not noise_variance >= 0:
@@ -42,9 +42,14 @@ class NoisyQuadraticBowl(SmallTask):
         self.noise_variance = float(noise_variance)
         self.eigenvalues = eigenvalues(dim, eig_min, eig_max)
         self.steps = int(steps)
+        if isinstance(problem_offset, bool) or not isinstance(problem_offset, int) or problem_offset < 0:
+            raise ValueError(f"task.problem_offset must be a non-negative integer, got {problem_offset!r}")
+        # Offset k > 0 gives each seed its k-th other bowl (new eigenvectors, new noise), e.g. the
+        # frozen-preconditioner test's new bowl; 0 keeps the seed's original streams unchanged.
+        self.problem_offset = problem_offset
 
     def hessian_matrix(self, seed: int) -> np.ndarray:
-        q, r = np.linalg.qr(problem_rng(seed).standard_normal((self.num_params, self.num_params)))
+        q, r = np.linalg.qr(problem_rng(seed, self.problem_offset).standard_normal((self.num_params, self.num_params)))
         q = q * np.sign(np.diag(r))
         return (q * self.eigenvalues) @ q.T
 
@@ -56,8 +61,9 @@ class NoisyQuadraticBowl(SmallTask):
 
     def next_batch(self, problem, center, step):
         scale = tf.cast(np.sqrt(self.noise_variance), self.dtype)
-        return center + scale * _standard_normal(problem.constants["noise_keys"], tf.cast(step, tf.int64),
-                                                 self.num_params, self.dtype)
+        # The offset lives in the counter's high bits: no run gets near 2**40 steps.
+        counter = tf.cast(step, tf.int64) + self.problem_offset * 2**40
+        return center + scale * _standard_normal(problem.constants["noise_keys"], counter, self.num_params, self.dtype)
 
     def loss(self, problem, params, center):
         d = params - center
