@@ -95,6 +95,9 @@ def markdown(table, long, sigmas) -> str:
     if not optimum.empty:
         per_sigma = optimum.optimum.iloc[0] / optimum.sigma2.iloc[0]
         note += f" Newton's analytic loss/σ² is ½·tr(H) = {per_sigma:.3f} at every σ²."
+    shorter = [f"{report.label(r.optimizer)} ran {r.steps:,} steps" for r in table.itertuples() if r.steps < steps]
+    if shorter:
+        note += " " + "; ".join(shorter) + " (its loss window is the last 1% of those)."
     return report.markdown_table(header, entries(table, long, sigmas)) + note + "\n"
 
 
