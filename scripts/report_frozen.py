@@ -8,7 +8,7 @@ RUNS_DIR holds one folder per optimizer whose ``summary.json`` has a
 optimizer: how many seeds diverged on the new bowl, at which steps, beside
 the paper's "within 10 steps", and the same for the control, the bowl the
 preconditioner was trained on) and ``frozen.{pdf,png}``: loss / initial loss
-on both bowls over the first steps.
+on both bowls over the first 20 steps.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def markdown(table: pd.DataFrame) -> str:
     return report.markdown_table(header, rows) + note + "\n"
 
 
-def figure(runs: dict, out_dir: Path, first: int = 50) -> None:
+def figure(runs: dict, out_dir: Path, first: int = 20) -> None:
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     factor = None
