@@ -190,6 +190,7 @@ def frozen_test(frozen, new_task, task, optimizer, seeds, chunk_size, out_dir: P
     Both start afresh (θ0, batch state and momentum reset); the trained
     optimizer's state is only read. Writes ``frozen_curve.csv``.
     """
+    import numpy as np
     import pandas as pd
 
     from lodo import outputs
@@ -206,8 +207,8 @@ def frozen_test(frozen, new_task, task, optimizer, seeds, chunk_size, out_dir: P
         else:
             result["control"] = summary
         steps, num_seeds = losses.shape
-        frames.append(pd.DataFrame({"problem": label, "seed": sum(([s] * steps for s in seeds), []),
-                                    "step": list(range(steps)) * num_seeds, "loss": losses.T.reshape(-1)}))
+        frames.append(pd.DataFrame({"problem": label, "seed": np.repeat(seeds, steps),
+                                    "step": np.tile(np.arange(steps), num_seeds), "loss": losses.T.reshape(-1)}))
     outputs.write_csv(out_dir / "frozen_curve.csv", pd.concat(frames, ignore_index=True))
     return result
 
