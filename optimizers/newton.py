@@ -19,4 +19,4 @@ class Newton(EngineOptimizer):
     def step(self, params, grad, oracle):
         hessian = oracle.hessian(params)
         direction = tf.linalg.solve(hessian, grad[..., None])[..., 0]
-        params.assign_sub(tf.cast(self.learning_rate, params.dtype) * direction)
+        params.assign_sub(tf.constant(self.learning_rate, params.dtype) * direction)  # no float32 detour
