@@ -7,16 +7,21 @@ across replicas itself (TensorFlow's default implementation of that method,
 which it replaces, is where Keras does so) and run the joint update once on
 every device through ``distribution.extended.update``. All the arithmetic is
 ``lodo.algorithm.update`` with one seed.
+
+The ablations of SPEC §1.3 are small subclasses: they swap the preconditioner
+through ``_make_preconditioner`` or pin one hyperparameter.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src import backend
 
-from lodo import algorithm, meta_optimizers
+from lodo import ablations, algorithm, meta_optimizers
 
 
 def _tf_variable(v):
@@ -39,6 +44,9 @@ class LODO(keras.optimizers.Optimizer):
         meta_optimizer: ``"adam"`` (the paper) or ``"sgd"`` (an ablation).
     """
 
+    # get_config keys that a subclass pins, so its __init__ does not take them.
+    _pinned_config_keys = ()
+
     def __init__(
         self,
         initial_lr=0.270,
@@ -60,9 +68,14 @@ class LODO(keras.optimizers.Optimizer):
         self.block_size = block_size
         self.seed = int(seed)
         self.meta_optimizer_name = meta_optimizer
-        self._preconditioner = algorithm.BlockPermutationPreconditioner(num_layers, block_size)
-        self._preconditioner.network(1)  # validates num_layers and block_size now, not at build
+        self._preconditioner = self._make_preconditioner()
         self._meta = meta_optimizers.make(meta_optimizer, self.meta_lr)
+
+    def _make_preconditioner(self):
+        """G(φ); ablations override this. The dataclass's fields are serialized by ``get_config``."""
+        preconditioner = algorithm.BlockPermutationPreconditioner(self.num_layers, self.block_size)
+        preconditioner.network(1)  # validates num_layers and block_size now, not at build
+        return preconditioner
 
     def build(self, variables):
         if self.built:
@@ -138,9 +151,71 @@ class LODO(keras.optimizers.Optimizer):
             initial_lr=float(self._learning_rate.numpy()) if hasattr(self._learning_rate, "numpy") else self._learning_rate,
             meta_lr=self.meta_lr,
             beta=self.beta,
-            num_layers=self.num_layers,
-            block_size=self.block_size,
             seed=self.seed,
             meta_optimizer=self.meta_optimizer_name,
+            **dataclasses.asdict(self._preconditioner),
         )
+        for key in self._pinned_config_keys:
+            config.pop(key)
         return config
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODODiagonal(LODO):
+    """LODO-Diagonal: G = α0·diag(φ), φ initialized to ones."""
+
+    def __init__(self, initial_lr=ablations.DIAGONAL_DEFAULTS.initial_lr, meta_lr=ablations.DIAGONAL_DEFAULTS.meta_lr,
+                 beta=ablations.DIAGONAL_DEFAULTS.beta, seed=0, meta_optimizer="adam", name="lodo_diagonal", **kwargs):
+        super().__init__(initial_lr, meta_lr, beta, seed=seed, meta_optimizer=meta_optimizer, name=name, **kwargs)
+
+    def _make_preconditioner(self):
+        return ablations.DiagonalPreconditioner()
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODOGlobal(LODO):
+    """LODO-Global: G = α0·φ·I, one learned scalar φ initialized to 1."""
+
+    def __init__(self, initial_lr=ablations.GLOBAL_DEFAULTS.initial_lr, meta_lr=ablations.GLOBAL_DEFAULTS.meta_lr,
+                 beta=ablations.GLOBAL_DEFAULTS.beta, seed=0, meta_optimizer="adam", name="lodo_global", **kwargs):
+        super().__init__(initial_lr, meta_lr, beta, seed=seed, meta_optimizer=meta_optimizer, name=name, **kwargs)
+
+    def _make_preconditioner(self):
+        return ablations.GlobalPreconditioner()
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODOResiduals(LODO):
+    """LODO-Residuals: G = α0·RᵀDR, R a product of ``num_layers`` residual permutation layers."""
+
+    def __init__(self, initial_lr=ablations.RESIDUALS_DEFAULTS.initial_lr,
+                 meta_lr=ablations.RESIDUALS_DEFAULTS.meta_lr, beta=ablations.RESIDUALS_DEFAULTS.beta,
+                 num_layers=64, seed=0, meta_optimizer="adam", name="lodo_residuals", **kwargs):
+        super().__init__(initial_lr, meta_lr, beta, num_layers=num_layers, seed=seed,
+                         meta_optimizer=meta_optimizer, name=name, **kwargs)
+
+    def _make_preconditioner(self):
+        return ablations.ResidualPreconditioner(self.num_layers)
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODONoMomentum(LODO):
+    """LODO-No-Momentum: β = 0, so G is applied to the raw gradient."""
+
+    _pinned_config_keys = ("beta",)
+
+    def __init__(self, initial_lr=ablations.NO_MOMENTUM_DEFAULTS.initial_lr,
+                 meta_lr=ablations.NO_MOMENTUM_DEFAULTS.meta_lr, num_layers=16, block_size=4, seed=0,
+                 meta_optimizer="adam", name="lodo_no_momentum", **kwargs):
+        super().__init__(initial_lr, meta_lr, 0.0, num_layers, block_size, seed, meta_optimizer, name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="lodo")
+class LODOSGD(LODO):
+    """LODO-SGD: φ is trained by plain gradient descent (learning rate ``meta_lr``) instead of Adam."""
+
+    _pinned_config_keys = ("meta_optimizer",)
+
+    def __init__(self, initial_lr=ablations.SGD_DEFAULTS.initial_lr, meta_lr=ablations.SGD_DEFAULTS.meta_lr,
+                 beta=ablations.SGD_DEFAULTS.beta, num_layers=16, block_size=4, seed=0, name="lodo_sgd", **kwargs):
+        super().__init__(initial_lr, meta_lr, beta, num_layers, block_size, seed, "sgd", name, **kwargs)
