@@ -98,18 +98,32 @@ class Engine:
         self.step_count.assign_add(1)
         return loss
 
+    def _steps(self, num_steps, body, arrays):
+        """Runs ``body(k, arrays)`` for k < ``num_steps``.
+
+        The static ``maximum_iterations`` matters: a loop over ``tf.range(num_steps)``
+        makes XLA treat the trip count as a compile-time constant, so every new
+        chunk length recompiled (about a second each, inside the timed region).
+        """
+        _, arrays = tf.while_loop(lambda k, _: k < num_steps, lambda k, a: (k + 1, body(k, a)),
+                                  (tf.constant(0), arrays), maximum_iterations=self.chunk_size)
+        return arrays
+
+    def _array(self, shape):
+        return tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=shape)
+
     def _train_chunk(self, num_steps):
-        losses = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=[len(self.seeds)])
-        for k in tf.range(num_steps):
-            losses = losses.write(k, self._train_step())
+        losses = self._steps(num_steps, lambda k, losses: losses.write(k, self._train_step()),
+                             self._array([len(self.seeds)]))
         return losses.stack()
 
     def _train_chunk_recording(self, num_steps):
-        losses = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=[len(self.seeds)])
-        visited = tf.TensorArray(self.task.dtype, size=self.chunk_size, element_shape=self.params.shape)
-        for k in tf.range(num_steps):
+        def body(k, arrays):
+            losses, visited = arrays
             visited = visited.write(k, self.params.read_value())
-            losses = losses.write(k, self._train_step())
+            return losses.write(k, self._train_step()), visited
+
+        losses, visited = self._steps(num_steps, body, (self._array([len(self.seeds)]), self._array(self.params.shape)))
         return losses.stack(), visited.stack()
 
     def _compute_hessian_error(self):
