@@ -119,8 +119,8 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
             raise ConfigError(f"the frozen test needs an optimizer with a learned preconditioner (e.g. lodo), "
                               f"not {cfg.optimizer.name!r}")
         try:
-            frozen_task = tasks.build(cfg.task.name, **{k: v for k, v in options(cfg.task).items() if k != "steps"},
-                                      problem_offset=frozen.problem_offset)
+            task_options = {k: v for k, v in options(cfg.task).items() if k != "steps"}
+            frozen_task = tasks.build(cfg.task.name, **{**task_options, "problem_offset": frozen.problem_offset})
         except (TypeError, ValueError) as err:
             raise ConfigError(f"frozen test: {err}") from None
 
