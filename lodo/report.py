@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER_DIR = ROOT / "results" / "paper"
 
 # Row order of every table: the paper's order, LODO's ablations after LODO, references last.
-ORDER = ["adam", "momentum", "rmsprop", "yogi", "lars", "lbfgs", "olbfgs", "l2lbgdbgd", "lodo", "lodo_diagonal",
+ORDER = ["adam", "momentum", "momentum_ema", "rmsprop", "yogi", "lars", "lbfgs", "olbfgs", "l2lbgdbgd", "lodo", "lodo_diagonal",
          "lodo_global", "lodo_residuals", "lodo_no_momentum", "lodo_sgd", "bfgs", "levenberg_marquardt", "newton"]
-LABELS = {"adam": "Adam", "momentum": "Momentum", "rmsprop": "RMSprop", "yogi": "Yogi", "lars": "LARS",
+LABELS = {"adam": "Adam", "momentum": "Momentum", "momentum_ema": "Momentum (EMA form)", "rmsprop": "RMSprop", "yogi": "Yogi", "lars": "LARS",
           "lbfgs": "L-BFGS", "olbfgs": "O-LBFGS", "l2lbgdbgd": "L2LBGDBGD", "lodo": "LODO",
           "lodo_diagonal": "LODO-Diagonal", "lodo_global": "LODO-Global", "lodo_residuals": "LODO-Residuals",
           "lodo_no_momentum": "LODO-No-Momentum", "lodo_sgd": "LODO-SGD", "bfgs": "BFGS",

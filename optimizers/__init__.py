@@ -16,6 +16,7 @@ from optimizers.base import EngineOptimizer, FunctionalOptimizer, KerasOptimizer
 REGISTRY = {
     "adam": "optimizers.keras_builtins:adam",
     "momentum": "optimizers.keras_builtins:momentum",
+    "momentum_ema": "optimizers.keras_builtins:momentum_ema",
     "rmsprop": "optimizers.keras_builtins:rmsprop",
     "yogi": "optimizers.yogi:engine_yogi",
     "lars": "optimizers.lars:engine_lars",
