@@ -21,16 +21,6 @@ SEEDS = [3, 11]
 ALPHA = 0.3
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(previous)
-
-
 def dense_reference(kind, weights, constants, alpha, n):
     """G as ``[S, n, n]``, built from φ and the permutations with explicit matrices."""
     weights = [np.asarray(w) for w in weights]

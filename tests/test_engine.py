@@ -1,8 +1,6 @@
 """The multi-seed engine: per-seed correctness, the Keras front end's trajectory, budgets, divergence."""
 
-import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import optimizers
@@ -10,16 +8,6 @@ import tasks
 from lodo import LODO, metrics
 from lodo.engine import Engine
 from lodo.multi_seed import MultiSeedLODO
-
-
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(previous)
 
 
 def bowl_reference(bowl, seed, steps, update):

@@ -69,7 +69,7 @@ def test_frozen_and_table8_configs():
 
     cfg = composed("experiment=table8", "optimizer=lodo", hydra=True)
     assert (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) == ("runs/table8", "lodo")
-    assert set(sweep(cfg, "optimizer")) == {"adam", "rmsprop", "momentum", "yogi", "lodo"}
+    assert set(sweep(cfg, "optimizer")) == {"adam", "rmsprop", "momentum", "momentum_ema", "yogi", "lodo"}
     assert (cfg.task.name, cfg.steps, cfg.num_seeds, cfg.record_trajectory) == ("rosenbrock", 200, 8, True)
     assert list(cfg.task.window) == [180, 200] and list(cfg.task.start) == [-0.5, 2.0]
     assert cfg.optimizer.meta_lr == 0.0001394  # Rosenbrock's tuned LODO

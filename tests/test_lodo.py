@@ -10,16 +10,6 @@ from lodo import LODO, algorithm, meta_optimizers
 from lodo import preconditioner as bp
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(previous)
-
-
 def random_state(n, seeds=(0, 1), num_layers=5, block_size=4, perturb=0.3):
     """Permutations and blocks of ``len(seeds)`` seeds; ``perturb`` moves the blocks off orthogonal."""
     pre = algorithm.BlockPermutationPreconditioner(num_layers, block_size)

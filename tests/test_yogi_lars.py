@@ -20,16 +20,6 @@ from optimizers.yogi import Yogi
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(previous)
-
-
 def numpy_yogi(lr, b1, b2, eps):
     state = {}
 
