@@ -58,5 +58,9 @@ reproduce-small: install  ## every small-task experiment in turn: Table 1, Table
 bench: install  ## throughput of LODO and Adam on the bowl -> results/bench.md
 	$(RUN) scripts/bench.py --out results/bench.md
 
+.PHONY: meta-train-l2l
+meta-train-l2l: install  ## meta-train the L2LBGDBGD LSTM on noisy bowls -> optimizers/weights/ (a few minutes)
+	$(RUN) scripts/meta_train_l2l.py --out optimizers/weights/l2lbgdbgd_bowl.npz
+
 clean:  ## remove run folders (not results/)
 	rm -rf outputs multirun runs

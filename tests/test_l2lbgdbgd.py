@@ -150,9 +150,13 @@ def test_tiny_meta_training_learns_and_its_weights_drive_the_engine(tmp_path):
     assert np.isfinite(engine.run(50).loss_matrix()).all()
 
 
-def test_shipped_weights_and_config():
+def test_shipped_weights_come_from_the_make_target_defaults():
     config = yaml.safe_load((ROOT / "configs" / "optimizer" / "l2lbgdbgd.yaml").read_text())
     assert config.pop("name") == "l2lbgdbgd"
     optimizer = optimizers.build("l2lbgdbgd", **config)
     assert optimizer.weights_path == ROOT / "optimizers" / "weights" / "l2lbgdbgd_bowl.npz"
-    assert optimizer.info["dim"] == 100 and optimizer.info["unroll"] == 20
+    defaults = vars(load_script().parse_args([]))
+    for key, value in optimizer.info.items():
+        if key in defaults:
+            assert value == defaults[key], key
+    assert optimizer.arch.preprocessing == defaults["preprocessing"]
