@@ -23,8 +23,7 @@ test: install  ## run the test suite
 	$(RUN) -m pytest -q tests
 
 reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) per optimizer on the bowl
-	$(RUN) -m lodo.run experiment=table1
-	$(MAKE) report-table1
+	$(RUN) -m lodo.run experiment=table1; status=$$?; $(MAKE) report-table1 && exit $$status
 
 report-table1: install  ## rebuild results/table1.* and figure2.* from runs/table1 without training
 	$(RUN) scripts/report_table1.py runs/table1 results --readme README.md
