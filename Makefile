@@ -54,7 +54,7 @@ report-table8: install  ## rebuild results/table8.* and figures 3, 11 from runs/
 reproduce-small: install  ## every small-task experiment in turn: Table 1, Table 7, frozen test, Table 8
 	status=0; for t in table1 table7 frozen table8; do $(MAKE) reproduce-$$t || status=1; done; exit $$status
 
-bench: install  ## throughput of LODO and Adam on the bowl -> results/bench.md
+bench: install  ## throughput of every optimizer on the bowl (8 seeds) -> results/bench.md
 	$(RUN) scripts/bench.py --out results/bench.md
 
 .PHONY: meta-train-l2l
