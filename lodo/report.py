@@ -108,6 +108,8 @@ def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}") -> str:
         return f"diverged ({diverged}/{seeds})"
     if missing(mean):
         return "–"
+    if abs(mean) >= 1e5:  # a loss that ran away: fixed-point digits would only be noise
+        fmt = "{:.3g}"
     text = f"{fmt.format(mean)} ± {fmt.format(std)}"
     return text + (f" ({diverged}/{seeds} diverged)" if diverged else "")
 
