@@ -76,6 +76,9 @@ def latex(table: pd.DataFrame) -> str:
 def figure(runs: dict, out_dir: Path) -> None:
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # eleven lines need more than ten colors
+    for ax in axes[:2]:
+        ax.set_prop_cycle(color=colors)
     for name, run in runs.items():
         curve = run.curve.dropna(subset=["loss"])
         by_step = curve.groupby("step").agg(loss=("loss", "mean"), t=("train_time_s", "first")).reset_index()
@@ -87,6 +90,8 @@ def figure(runs: dict, out_dir: Path) -> None:
         if optimum:
             ax.axhline(optimum, color="k", ls=":", lw=1, label=f"optimum {optimum:.2f}")
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="training loss (mean of seeds)")
+        if optimum:  # a runaway loss (BFGS) would squash every other curve into one line
+            ax.set_ylim(0.8 * optimum, 50 * optimum)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     axes[0].set_title("Learning curves")
