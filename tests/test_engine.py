@@ -8,18 +8,12 @@ import tasks
 from lodo import LODO, metrics
 from lodo.engine import Engine
 from lodo.multi_seed import MultiSeedLODO
+from reference import numpy_bowl
 
 
 def bowl_reference(bowl, seed, steps, update):
     """Plain NumPy loop over one seed's bowl; ``update(theta, grad, t)`` returns the new theta."""
-    problem = bowl.setup([seed])
-    hess = problem.constants["hessian"].numpy()[0]
-    theta, center, thetas = np.zeros(bowl.num_params), problem.initial_batch_state, []
-    for t in range(steps):
-        center = bowl.next_batch(problem, center, tf.constant(t, tf.int64))
-        theta = update(theta, hess @ (theta - center.numpy()[0]), t)
-        thetas.append(theta)
-    return np.array(thetas)
+    return numpy_bowl(bowl, seed, steps, lambda theta, grad, t: update(theta, grad(theta), t))
 
 
 def engine_params(name, seeds, steps, task=None, **hp):

@@ -12,6 +12,7 @@ import optimizers
 import tasks
 from lodo.engine import Engine
 from optimizers import l2lbgdbgd
+from reference import numpy_bowl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,13 +90,7 @@ def test_lstm_matches_numpy(preprocessing):
 
 def bowl_reference(bowl, seed, steps, update):
     """NumPy loop over one seed's bowl (as in test_engine): ``update(grad)`` returns the step."""
-    problem = bowl.setup([seed])
-    hess = problem.constants["hessian"].numpy()[0]
-    theta, center = np.zeros(bowl.num_params), problem.initial_batch_state
-    for t in range(steps):
-        center = bowl.next_batch(problem, center, tf.constant(t, tf.int64))
-        theta = theta - update(hess @ (theta - center.numpy()[0]))
-    return theta
+    return numpy_bowl(bowl, seed, steps, lambda theta, grad, t: theta - update(grad(theta)))[-1]
 
 
 def test_engine_follows_the_numpy_rule_per_seed(tmp_path):

@@ -9,6 +9,7 @@ from lodo import metrics
 from lodo.engine import Engine
 from optimizers import bfgs, lbfgs, levenberg_marquardt
 from optimizers.base import Oracle
+from reference import numpy_bowl
 
 
 def dense_bfgs_inverse(pairs, gamma, n):
@@ -30,14 +31,7 @@ def lbfgs_gamma(pairs, mean_scaling):
 
 def bowl_run(bowl, seed, steps, step):
     """One seed's bowl in NumPy; ``step(theta, grad_fn, t)`` returns the new theta (grad_fn: this batch)."""
-    problem = bowl.setup([seed])
-    hess = problem.constants["hessian"].numpy()[0]
-    theta, center = np.zeros(bowl.num_params), problem.initial_batch_state
-    for t in range(steps):
-        center = bowl.next_batch(problem, center, tf.constant(t, tf.int64))
-        c = center.numpy()[0]
-        theta = step(theta, lambda x: hess @ (x - c), t)
-    return theta
+    return numpy_bowl(bowl, seed, steps, step)[-1]
 
 
 def test_two_loop_direction_is_the_dense_bfgs_inverse_of_the_memory():
