@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CHECKED_GROUPS = ("task", "optimizer", "experiment")
+CHECKED_GROUPS = ("task", "optimizer", "experiment", "distribute", "scale")
 TRAJECTORY_MAX_PARAMS = 10  # record_trajectory=null saves trajectory.csv up to this many parameters
 
 
@@ -252,9 +252,16 @@ def format_summary(s: dict) -> str:
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    import tasks
+
     try:
         validate(cfg)
-        return run_small_task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        if tasks.is_image_task(cfg.task.name):
+            from lodo.trainer import run_image_task
+
+            return run_image_task(cfg, out_dir)
+        return run_small_task(cfg, out_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
