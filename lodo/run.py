@@ -85,9 +85,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"frozen.divergence_factor must be a number above 1, got {factor!r}")
 
 
+NOT_OPTIONS = ("name", "tune")  # a group's label, and the tuner's search space (configs/optimizer/*.yaml)
+
+
 def options(node: DictConfig) -> dict:
-    """A config group's settings as keyword arguments (without its ``name``)."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+    """A config group's settings as keyword arguments (without its ``name`` and ``tune``)."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
 
 
 def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
