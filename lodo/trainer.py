@@ -376,6 +376,9 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
             summary[key] = at_steps[f"{key}_mean"]
             summary[f"{key}_std"] = at_steps[f"{key}_std"]
             summary[f"{key}_per_seed"] = at_steps[f"{key}_per_seed"]
+    images = [r.milestones.get("steps", {}).get("test_images") for r in records]
+    if any(images):
+        summary["test_images"] = max(i for i in images if i)
     if cfg.time_budget_s is not None:
         summary["time_budget"] = {"seconds": cfg.time_budget_s, **milestone_summary("time")}
     return summary

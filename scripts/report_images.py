@@ -1,0 +1,213 @@
+"""Tables 2, 3, 4 and Figures 4, 5, 6 (the image tasks) from finished run folders; never trains.
+
+    python scripts/report_images.py table2  RUNS_DIR OUT_DIR [--readme README.md]   # + figure4
+    python scripts/report_images.py table3  RUNS_DIR OUT_DIR                        # + table3_curves
+    python scripts/report_images.py table4  RUNS_DIR OUT_DIR                        # + figure6
+    python scripts/report_images.py figure5 RUNS_DIR OUT_DIR                        # momentum sweep
+
+RUNS_DIR holds one folder per optimizer (per β for figure5) as
+``make reproduce-table2`` etc. leave them. Every caption states the dataset,
+steps, seeds, batch and test images the numbers come from, because the
+same scripts report the paper-scale runs and the reduced CPU runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lodo import report  # noqa: E402
+
+DATASET_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def scale_note(runs: list[report.Run]) -> str:
+    """What the numbers were measured on: dataset and source, steps, seeds, batch, test images, time budget."""
+    s = runs[0].summary
+    options = s.get("task_options", {})
+    if s["task"] == "pixelcnn_mnist":
+        dataset = DATASET_LABELS.get(options.get("dataset", "mnist"), options.get("dataset"))
+    else:
+        dataset = "CIFAR-10"
+    source = options.get("data", {}).get("source", "tfds")
+    tests = [r.summary["test_images"] for r in runs if r.summary.get("test_images")]
+    seeds = max(r.num_seeds for r in runs)
+    parts = [f"{dataset} ({source} source)", f"{s['steps']:,} steps", f"{seeds} seed{'s' if seeds > 1 else ''}",
+             f"batch {s.get('batch_size', options.get('batch_size'))}"]
+    if tests:
+        parts.append(f"test metrics on {tests[0]:,} test images")
+    if "time_budget" in s:
+        parts.append(f"time budget {s['time_budget']['seconds']:,} s")
+    device = s.get("distribute", {}).get("devices", ["?"])
+    parts.append(f"device {device[0].split('device:')[-1] if device else '?'}")
+    return ", ".join(parts)
+
+
+def _milestone_value(summary: dict, kind: str, key: str):
+    block = summary.get("at_steps", {}) if kind == "steps" else summary.get("time_budget", {})
+    return block.get(f"{key}_mean"), block.get(f"{key}_std")
+
+
+def build_loss_table(runs: dict, paper) -> pd.DataFrame:
+    rows = []
+    for name, run in runs.items():
+        s = run.summary
+        row = {"optimizer": name, "seeds": run.num_seeds, "diverged": s["diverged"], "steps": s["steps"],
+               "steps_per_s": s.get("steps_per_s")}
+        for kind in ("steps", "time"):
+            for key in ("train_loss", "test_loss", "test_accuracy"):
+                row[f"{key}_{kind}_mean"], row[f"{key}_{kind}_std"] = _milestone_value(s, kind, key)
+        row["paper_test_loss_steps"] = report.paper_value(paper, name, "test_loss_steps")
+        row["paper_test_loss_time"] = report.paper_value(paper, name, "test_loss_time")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def loss_entries(table: pd.DataFrame, with_time: bool) -> tuple[list[str], list[list[str]]]:
+    header = ["Optimizer", "Training loss", "Test loss", "Paper test loss (300k steps)"]
+    if with_time:
+        header += ["Training loss (time budget)", "Test loss (time budget)", "Paper test loss (50k s)"]
+    header.append("Steps/s")
+    rows = []
+    for r in table.to_dict("records"):
+        row = [report.label(r["optimizer"]),
+               report.cell(r["train_loss_steps_mean"], r["train_loss_steps_std"], r["diverged"], r["seeds"]),
+               report.cell(r["test_loss_steps_mean"], r["test_loss_steps_std"], r["diverged"], r["seeds"]),
+               report.paper_cell(r["paper_test_loss_steps"])]
+        if with_time:
+            row += [report.cell(r["train_loss_time_mean"], r["train_loss_time_std"], r["diverged"], r["seeds"]),
+                    report.cell(r["test_loss_time_mean"], r["test_loss_time_std"], r["diverged"], r["seeds"]),
+                    report.paper_cell(r["paper_test_loss_time"])]
+        row.append("–" if report.missing(r["steps_per_s"]) else f"{r['steps_per_s']:.2f}")
+        rows.append(row)
+    return header, rows
+
+
+def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -> None:
+    """Training loss by step and by training time, mean over seeds, smoothed over ``smooth`` curve points."""
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.get_cmap("tab10")
+    for i, (name, run) in enumerate(runs.items()):
+        curve = run.curve
+        if curve.empty:
+            continue
+        mean = curve.groupby("step", as_index=False).agg(loss=("loss", "mean"), train_time_s=("train_time_s", "mean"))
+        loss = mean["loss"].rolling(smooth, min_periods=1).mean()
+        axes[0].plot(mean["step"], loss, label=report.label(name), color=colors(i % 10))
+        axes[1].plot(mean["train_time_s"], loss, label=report.label(name), color=colors(i % 10))
+    for ax, xlabel in zip(axes, ("step", "training time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    report.save_figure(fig, out_dir, stem)
+
+
+def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, what: str) -> str:
+    runs = report.by_optimizer(runs_list)
+    note = scale_note(list(runs.values()))
+    table = build_loss_table(runs, paper)
+    with_time = "time_budget" in next(iter(runs.values())).summary
+    header, rows = loss_entries(table, with_time)
+    caption = (f"\n{what}. Mean ± std over seeds; training loss = mean over the last 1% of steps; test loss = mean "
+               f"cross-entropy over all 784 query positions of each test image. Measured on: {note}. The paper's "
+               f"numbers are MNIST at 300k steps / 50k s on its hardware (one randomly chosen run).")
+    report.write_table(out_dir, stem, table, report.markdown_table(header, rows) + caption + "\n",
+                       report.latex_table(header, rows))
+    curves(runs, out_dir, figure, f"{what} — {note}")
+    return report.markdown_table(header, rows) + caption + "\n"
+
+
+def build_table2(runs_list, paper, out_dir: Path) -> str:
+    return loss_table_report(runs_list, paper, out_dir, "table2", "figure4",
+                             "Table 2: autoregressive image generation, standard optimizers and LODO")
+
+
+def build_table3(runs_list, paper, out_dir: Path) -> str:
+    return loss_table_report(runs_list, paper, out_dir, "table3", "table3_curves",
+                             "Table 3: LODO's ablations on autoregressive image generation")
+
+
+def build_table4(runs_list, paper, out_dir: Path) -> str:
+    runs = report.by_optimizer(runs_list)
+    note = scale_note(list(runs.values()))
+    table = build_loss_table(runs, paper)
+    header = ["Optimizer", "Training loss", "Test accuracy", "Steps/s"]
+    rows = [[report.label(r["optimizer"]),
+             report.cell(r["train_loss_steps_mean"], r["train_loss_steps_std"], r["diverged"], r["seeds"]),
+             report.cell(r["test_accuracy_steps_mean"], r["test_accuracy_steps_std"], r["diverged"], r["seeds"]),
+             "–" if report.missing(r["steps_per_s"]) else f"{r['steps_per_s']:.3f}"] for r in table.to_dict("records")]
+    caption = (f"\nTable 4: ResNet-18 on CIFAR-10. Mean ± std over seeds. Measured on: {note}. The paper's values "
+               f"are lost in our copy.")
+    md = report.markdown_table(header, rows) + caption + "\n"
+    report.write_table(out_dir, "table4", table, md, report.latex_table(header, rows))
+    curves(runs, out_dir, "figure6", f"Figure 6: ResNet-18 on CIFAR-10 — {note}", smooth=5)
+    return md
+
+
+def build_figure5(runs_list, paper, out_dir: Path) -> str:
+    """LODO's final training (and test) loss against β, and each β's learning curve."""
+    runs = sorted(runs_list, key=lambda r: r.summary["hyperparameters"]["beta"])
+    note = scale_note(runs)
+    rows, frame = [], []
+    for run in runs:
+        s = run.summary
+        beta = s["hyperparameters"]["beta"]
+        train, test = s.get("loss_final_mean"), s.get("test_loss")
+        frame.append({"beta": beta, "one_minus_beta": 1 - beta, "train_loss": train, "test_loss": test,
+                      "diverged": s["diverged"], "seeds": run.num_seeds})
+        rows.append([f"{beta:.4f}", report.cell(train, s.get("loss_final_std") or 0.0, s["diverged"], run.num_seeds),
+                     report.cell(test, s.get("test_loss_std") or 0.0, s["diverged"], run.num_seeds)])
+    frame = pd.DataFrame(frame)
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ok = frame[frame.diverged == 0]
+    axes[0].plot(ok.one_minus_beta, ok.train_loss, "o-", label="training loss")
+    if ok.test_loss.notna().any():
+        axes[0].plot(ok.one_minus_beta, ok.test_loss, "s--", label="test loss")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("1 − β")
+    axes[0].set_ylabel("loss at the end of training")
+    axes[0].legend()
+    cmap = plt.get_cmap("viridis")
+    for i, run in enumerate(runs):
+        curve = run.curve.groupby("step", as_index=False)["loss"].mean()
+        axes[1].plot(curve.step, curve.loss.rolling(25, min_periods=1).mean(), color=cmap(i / max(1, len(runs) - 1)),
+                     label=f"β = {run.summary['hyperparameters']['beta']:.3f}")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("training loss (smoothed)")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Figure 5: LODO's momentum sweep — {note}", fontsize=9)
+    fig.tight_layout()
+    report.save_figure(fig, out_dir, "figure5")
+    header = ["β", "Training loss", "Test loss"]
+    md = report.markdown_table(header, rows) + f"\nFigure 5's data: LODO with 8 momenta β. Measured on: {note}.\n"
+    report.write_table(out_dir, "figure5", frame, md)
+    return md
+
+
+BUILDERS = {
+    "table2": (build_table2, "reproduce-table2"),
+    "table3": (build_table3, "reproduce-table3"),
+    "table4": (build_table4, "reproduce-table4"),
+    "figure5": (build_figure5, "reproduce-figure5"),
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in BUILDERS:
+        print(f"usage: report_images.py {{{','.join(BUILDERS)}}} RUNS_DIR OUT_DIR [--readme README.md]", file=sys.stderr)
+        sys.exit(2)
+    kind = sys.argv[1]
+    build, target = BUILDERS[kind]
+    sys.exit(report.main(sys.argv[2:], doc=__doc__, stem=kind, make_target=target, build=build))
