@@ -57,6 +57,54 @@ reproduce-small: install  ## every small-task experiment in turn: Table 1, Table
 bench: install  ## throughput of every optimizer on the bowl (8 seeds) -> results/bench.md
 	$(RUN) scripts/bench.py --out results/bench.md
 
+# Image tasks (SPEC §3.3-3.4, §5). The paper's scale needs GPUs and the real MNIST / CIFAR-10 (`make data`);
+# the *-cpu targets run the reduced scale (scale=cpu: 3,000 steps, 2 seeds, 100 test images) on real Fashion-MNIST
+# from its original files (Debian's dataset-fashion-mnist) and report into results/image_cpu/.
+.PHONY: reproduce-table2 report-table2 reproduce-table3 report-table3 reproduce-figure5 report-figure5
+.PHONY: reproduce-table4 report-table4 reproduce-images-cpu reproduce-table2-cpu reproduce-table3-cpu reproduce-figure5-cpu
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+CPU_SCALE = scale=cpu task.dataset=fashion_mnist task.data.source=files task.data.path=$(FASHION_MNIST)
+IMAGE_REPORT = $(RUN) scripts/report_images.py
+
+reproduce-table2: install  ## Table 2 + Figures 4, 9, 10: image generation on MNIST, 8 seeds x (300k steps, 50k s)
+	$(RUN) -m lodo.run experiment=table2; status=$$?; $(MAKE) report-table2 && exit $$status
+
+report-table2: install  ## rebuild results/table2.* and figures 4, 9, 10 from runs/table2 without training
+	$(IMAGE_REPORT) table2 runs/table2/mnist_300000steps results --readme README.md
+
+reproduce-table3: install  ## Table 3: LODO's ablations on image generation (MNIST, paper scale)
+	$(RUN) -m lodo.run experiment=table3; status=$$?; $(MAKE) report-table3 && exit $$status
+
+report-table3: install  ## rebuild results/table3.* from runs/table3 without training
+	$(IMAGE_REPORT) table3 runs/table3/mnist_300000steps results --readme README.md
+
+reproduce-figure5: install  ## Figure 5: LODO's momentum sweep on image generation (MNIST, paper scale)
+	$(RUN) -m lodo.run experiment=figure5; status=$$?; $(MAKE) report-figure5 && exit $$status
+
+report-figure5: install  ## rebuild results/figure5.* from runs/figure5 without training
+	$(IMAGE_REPORT) figure5 runs/figure5/mnist_300000steps results
+
+reproduce-table4: install  ## Table 4 + Figure 6: ResNet-18 on CIFAR-10, 8 seeds x (3000 steps, 24k s)
+	$(RUN) -m lodo.run experiment=table4; status=$$?; $(MAKE) report-table4 && exit $$status
+
+report-table4: install  ## rebuild results/table4.* and figure6.* from runs/table4 without training
+	$(IMAGE_REPORT) table4 runs/table4/resnet18_cifar10_3000steps results --readme README.md
+
+reproduce-table2-cpu: install  ## Table 2 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
+	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE); status=$$?; \
+	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_3000steps results/image_cpu --readme README.md && exit $$status
+
+reproduce-table3-cpu: install  ## Table 3 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
+	$(RUN) -m lodo.run experiment=table3 $(CPU_SCALE); status=$$?; \
+	$(IMAGE_REPORT) table3 runs/table3/fashion_mnist_3000steps results/image_cpu --readme README.md && exit $$status
+
+reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
+	$(RUN) -m lodo.run experiment=figure5 $(CPU_SCALE) num_seeds=1; status=$$?; \
+	$(IMAGE_REPORT) figure5 runs/figure5/fashion_mnist_3000steps results/image_cpu && exit $$status
+
+reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
+	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status
+
 .PHONY: meta-train-l2l
 meta-train-l2l: install  ## meta-train the L2LBGDBGD LSTM on noisy bowls -> optimizers/weights/ (a few minutes)
 	$(RUN) scripts/meta_train_l2l.py --out optimizers/weights/l2lbgdbgd_bowl.npz
