@@ -1,0 +1,117 @@
+"""The image trainer on a toy task: run folder, milestones, divergence, resume, and the losses it reports."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import tasks
+from lodo.run import CONFIG_DIR, ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True)
+def toy_task(monkeypatch):
+    monkeypatch.setitem(tasks.IMAGE_TASKS, "toy_image", "toy_image_task:ToyImageTask")
+
+
+def config(*overrides, steps=20, **task):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["progress=false", *overrides])
+    OmegaConf.set_struct(cfg, False)
+    cfg.task = {"name": "toy_image", "batch_size": 8, "steps": steps, **task}
+    cfg.steps = steps
+    return cfg
+
+
+def run(cfg, folder):
+    from lodo.trainer import run_image_task
+
+    return run_image_task(cfg, Path(folder))
+
+
+def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_path):
+    summary = run(config("optimizer=lodo", "num_seeds=2", "log_every=5"), tmp_path)
+    for name in ("config.yaml", "curve.csv", "validation.csv", "summary.json", "seed_0.json", "seed_1.json"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "summary.json").read_text())["optimizer"] == "lodo"
+    records = [json.loads((tmp_path / f"seed_{s}.json").read_text())["record"] for s in (0, 1)]
+    assert [len(r["losses"]) for r in records] == [20, 20]
+    # Loss at 20 steps = mean of the last 1% of steps (at least one step): step 20's loss.
+    assert summary["loss_final_per_seed"] == pytest.approx([r["losses"][-1] for r in records])
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert list(curve.step[curve.seed == 0]) == [5, 10, 15, 20]
+    assert curve.loss[curve.seed == 1].iloc[0] == pytest.approx(np.mean(records[1]["losses"][:5]))
+    assert summary["test_loss_per_seed"] and summary["test_images"] == 64
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["num_params"] == 16 * 3 + 3
+    assert summary["optimizer_state_bytes_per_param"] > 100  # φ alone is 128 floats per parameter
+    validation = pd.read_csv(tmp_path / "validation.csv")
+    assert list(validation.step[validation.seed == 0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
+                                                           19, 20]
+
+
+def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
+    summary = run(config("optimizer=adam", "num_seeds=1", "time_budget_s=0.5", "eval_every=10"), tmp_path)
+    record = json.loads((tmp_path / "seed_0.json").read_text())["record"]
+    assert record["milestones"]["steps"]["step"] == 20
+    assert record["milestones"]["time"]["train_time_s"] >= 0.5
+    assert record["chunk_ends"][-1][1] >= 0.5
+    assert summary["time_budget"]["test_loss_mean"] is not None
+
+
+def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
+    summary = run(config("optimizer=momentum", "optimizer.learning_rate=1e30", "num_seeds=2"), tmp_path)
+    assert summary["diverged"] == 2
+    assert all(step is not None and step < 20 for step in summary["diverged_at_per_seed"])
+    assert summary["loss_final_mean"] is None
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    from lodo import trainer
+
+    whole = run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
+
+    calls = {"n": 0}
+    train = trainer.SeedTrainer.train
+
+    def killed_after_three_chunks(self, iterator, count):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # what a kill between two chunks leaves: checkpoints up to chunk 3
+        return train(self, iterator, count)
+
+    monkeypatch.setattr(trainer.SeedTrainer, "train", killed_after_three_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
+    monkeypatch.setattr(trainer.SeedTrainer, "train", train)
+    resumed = run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
+
+    first = json.loads((tmp_path / "whole" / "seed_0.json").read_text())["record"]
+    second = json.loads((tmp_path / "killed" / "seed_0.json").read_text())["record"]
+    assert second["losses"] == first["losses"]  # bitwise: the same batches, the same state
+    assert resumed["test_loss_per_seed"] == whole["test_loss_per_seed"]
+
+
+def test_quasi_newton_optimizers_refuse_image_tasks_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be run on tasks of this scale"):
+        run(config("optimizer=bfgs"), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
+    from lodo.trainer import SeedTrainer
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    cfg = config("optimizer=adam")
+    task = tasks.build("toy_image", batch_size=7)
+    with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
+        SeedTrainer(cfg, task, TwoReplicas(), seed=0)
