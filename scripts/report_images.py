@@ -126,7 +126,22 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
     return report.markdown_table(header, rows) + caption + "\n"
 
 
+def copy_pictures(runs: dict, out_dir: Path) -> None:
+    """Figures 9 and 10 from the LODO run (else the first run): its input channels and its samples."""
+    import shutil
+
+    run = runs.get("lodo") or next(iter(runs.values()))
+    for source, figure in (("input_channels", "figure9"), ("samples", "figure10")):
+        for ext in ("png", "pdf"):
+            path = run.folder / f"{source}.{ext}"
+            if path.is_file():
+                tmp = out_dir / f".{figure}.tmp.{ext}"
+                shutil.copyfile(path, tmp)
+                tmp.replace(out_dir / f"{figure}.{ext}")
+
+
 def build_table2(runs_list, paper, out_dir: Path) -> str:
+    copy_pictures(report.by_optimizer(runs_list), out_dir)
     return loss_table_report(runs_list, paper, out_dir, "table2", "figure4",
                              "Table 2: autoregressive image generation, standard optimizers and LODO")
 
