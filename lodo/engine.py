@@ -10,6 +10,12 @@ every seed is charged the group's wall-clock time.
 For tiny tasks (Rosenbrock's 2 parameters) the chunk can also stack the
 parameters of every step (``record_params``), so a run can save its whole
 trajectory; big tasks leave it off, and their compiled chunk is unchanged.
+
+A run can stop after any chunk and continue later: ``Engine.state()`` is
+what a checkpoint must hold on the device and ``Trace.to_arrays`` what it
+must hold on the host. The bowl's noise is a pure function of (seed, step)
+and chunk boundaries depend only on the step count, so a resumed run
+repeats an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -64,6 +70,39 @@ class Trace:
         ends = np.array([(0, 0.0)] + self.chunk_ends)
         return int(math.floor(np.interp(seconds, ends[:, 1], ends[:, 0])))
 
+    @property
+    def all_diverged(self) -> bool:
+        """Every seed's latest loss is NaN or inf: nothing left to learn."""
+        return bool(self.losses) and len(self.losses[-1]) > 0 and not np.isfinite(self.losses[-1][-1]).any()
+
+    def to_arrays(self) -> dict:
+        """The trace as plain arrays (for a checkpoint); ``from_arrays`` inverts it exactly."""
+        num_seeds = len(self.seeds)
+        arrays = {
+            "trace_losses": self.loss_matrix(),
+            "trace_chunk_ends": np.array(self.chunk_ends, dtype=np.float64).reshape(-1, 2),
+            "trace_hessian_steps": np.array([h[0] for h in self.hessian_errors], dtype=np.int64),
+            "trace_hessian_times": np.array([h[1] for h in self.hessian_errors], dtype=np.float64),
+            "trace_hessian_errors": np.array([h[2] for h in self.hessian_errors]).reshape(-1, num_seeds),
+            "trace_compile_time_s": np.array(self.compile_time_s),
+        }
+        if self.params:
+            arrays["trace_params"] = np.concatenate(self.params)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, seeds, arrays: dict) -> "Trace":
+        losses = arrays["trace_losses"]
+        trace = cls(tuple(seeds), compile_time_s=float(arrays["trace_compile_time_s"]))
+        trace.losses = [losses] if len(losses) else []
+        trace.chunk_ends = [(int(step), float(clock)) for step, clock in arrays["trace_chunk_ends"]]
+        trace.hessian_errors = [(int(step), float(clock), errors) for step, clock, errors in
+                                zip(arrays["trace_hessian_steps"], arrays["trace_hessian_times"],
+                                    arrays["trace_hessian_errors"])]
+        if "trace_params" in arrays and len(arrays["trace_params"]):
+            trace.params = [arrays["trace_params"]]
+        return trace
+
 
 class Engine:
     """Runs one optimizer on one small task for a group of seeds."""
@@ -81,6 +120,11 @@ class Engine:
         chunk = self._train_chunk_recording if self.record_params else self._train_chunk
         self._chunk = tf.function(chunk, jit_compile=True)
         self._hessian_error = tf.function(self._compute_hessian_error, jit_compile=True)
+
+    def state(self) -> dict:
+        """Every variable a resumed run needs, as ``tf.train.Checkpoint`` keyword arguments."""
+        return {"params": self.params, "batch_state": self.batch_state, "step": self.step_count,
+                "optimizer": list(self.optimizer.variables)}
 
     def _oracle(self, batch) -> Oracle:
         return Oracle(
@@ -145,15 +189,22 @@ class Engine:
             self._hessian_error().numpy()
         trace.compile_time_s += time.perf_counter() - start
 
-    def run(self, steps: int, time_budget_s: float | None = None, hessian_every: int = 0, progress=None) -> Trace:
-        """Train until ``steps`` steps are done and, if given, ``time_budget_s`` seconds of training."""
-        trace = Trace(self.seeds)
+    def run(self, steps: int, time_budget_s: float | None = None, hessian_every: int = 0, progress=None,
+            trace: Trace | None = None, after_chunk=None) -> Trace:
+        """Train until ``steps`` steps are done and, if given, ``time_budget_s`` seconds of training.
+
+        ``trace``: the trace of a run restored to its last chunk (``state()`` already
+        loaded); training and its clock continue from there. ``after_chunk(trace)`` is
+        called after every chunk; returning True stops the run there (e.g. to checkpoint
+        and exit on preemption).
+        """
+        trace = Trace(self.seeds) if trace is None else trace
         self.compile(trace)
         track_hessian = hessian_every > 0 and self.has_preconditioner
-        if track_hessian:
+        if track_hessian and not trace.chunk_ends and not trace.hessian_errors:
             trace.hessian_errors.append((0, 0.0, self._hessian_error().numpy()))
-        done, clock = 0, 0.0
-        while done < steps or (time_budget_s is not None and clock < time_budget_s):
+        done, clock = trace.steps_done, trace.train_time_s
+        while (done < steps or (time_budget_s is not None and clock < time_budget_s)) and not trace.all_diverged:
             k = self.chunk_size
             if done < steps:
                 k = min(k, steps - done)  # a chunk ends exactly at the step budget
@@ -172,8 +223,8 @@ class Engine:
                 trace.hessian_errors.append((done, clock, self._hessian_error().numpy()))
             if progress is not None:
                 progress(done, clock, losses)
-            if not np.isfinite(losses[-1]).any():
-                break  # every seed diverged: nothing left to learn
+            if after_chunk is not None and after_chunk(trace):
+                break
         if self.record_params:
             trace.final_params = self.params.numpy()
         return trace

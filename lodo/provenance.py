@@ -1,0 +1,139 @@
+"""Where a run's numbers came from: ``provenance.json`` in every run folder.
+
+The resolved config, the code (git commit and whether the tree had
+uncommitted changes), the package versions, the machine (CPU, GPUs, logical
+devices), the host, the command line and the start time. A run resumed in
+the same folder keeps the records of its earlier attempts under
+``previous_attempts`` (a preempted job may continue on other hardware).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FILENAME = "provenance.json"
+PACKAGES = ("tensorflow", "keras", "numpy", "hydra-core", "omegaconf", "tensorflow-datasets", "pandas", "scipy",
+            "matplotlib", "hydra-joblib-launcher", "hydra-submitit-launcher", "submitit", "joblib")
+# Environment variables that say where and how a job ran (never anything secret).
+ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+               "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR", "XLA_FLAGS", "TF_XLA_FLAGS",
+               "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+_ATTEMPTS: dict[str, str] = {}  # run folder -> this process's start time there (one attempt per process)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code() -> dict:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    """CPU and accelerators. Never initializes TensorFlow's devices: a run may still split them
+    (``distribute.num_cpu_devices``), so the logical devices are counted only once they exist."""
+    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "gpus": [], "gpu_count": 0, "logical_device_count": None, "logical_devices": None}
+    if "tensorflow" not in sys.modules:
+        return info
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for gpu in gpus:
+        try:
+            names.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+        except (RuntimeError, ValueError):
+            names.append(gpu.name)
+    info.update(gpus=names, gpu_count=len(gpus))
+    if context.context()._initialized:
+        logical = tf.config.list_logical_devices()
+        info.update(logical_device_count=len(logical), logical_devices=[d.name for d in logical])
+    return info
+
+
+def record(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **code(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions(),
+        "hardware": hardware(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_time": _now(),
+        "command_line": shlex.join([sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
+    }
+
+
+def write(out_dir, cfg, **extra) -> dict:
+    """Write ``provenance.json`` atomically; called again by the same process it updates its own
+    record (e.g. with ``end_time``), while earlier attempts in the folder move to ``previous_attempts``."""
+    from lodo import outputs
+
+    path = Path(out_dir) / FILENAME
+    key = str(path.resolve())
+    data = {**record(cfg), **extra}
+    previous = []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None  # unreadable: nothing worth keeping
+        if isinstance(old, dict):
+            previous = old.pop("previous_attempts", [])
+            if old.get("start_time") != _ATTEMPTS.get(key) or old.get("pid") != os.getpid():
+                previous.append(old)
+    data["start_time"] = _ATTEMPTS.setdefault(key, data["start_time"])
+    if previous:
+        data["previous_attempts"] = previous
+    outputs.write_json(path, data)
+    return data
