@@ -306,7 +306,7 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
                 writer.flush()
                 print(f"seed {seed}: stopped at step {record.steps_done} by a termination signal; "
                       f"checkpoint saved, rerun the same command to resume", flush=True)
-                preemption.exit_for_requeue()
+                guard.exit_for_requeue()
     bar.close()
     writer.flush()
     return record, trainer

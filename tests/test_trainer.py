@@ -67,7 +67,7 @@ def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
 
 
 def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
-    summary = run(config("optimizer=momentum", "optimizer.learning_rate=1e30", "num_seeds=2"), tmp_path)
+    summary = run(config("optimizer=momentum", "optimizer.learning_rate=inf", "num_seeds=2"), tmp_path)
     assert summary["diverged"] == 2
     assert all(step is not None and step < 20 for step in summary["diverged_at_per_seed"])
     assert summary["loss_final_mean"] is None
