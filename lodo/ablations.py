@@ -10,6 +10,10 @@ preconditioner's own hyperparameters (the Keras optimizers serialize them).
 
 The other two ablations (No-Momentum, SGD meta-optimizer) keep LODO's
 preconditioner and only change ``beta`` or the meta-optimizer.
+
+α0 may be one value per seed (an ``[S]`` tensor, ``per_seed_alpha``): each
+product then takes its seed's α0 in the place where a scalar α0 would go,
+so a seed's numbers equal those of a scalar run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from lodo import algorithm, preconditioner as bp
+from lodo.meta_optimizers import seedwise
 
 # Defaults: the image-generation values of the paper's Table 6 (SPEC §4.2,
 # before the halving of §4.1). Global's and Residuals' meta_lr did not survive
@@ -42,33 +47,37 @@ def _columns(v: tf.Tensor) -> tuple[tf.Tensor, bool]:
 class DiagonalPreconditioner:
     """G = α0·diag(φ), φ ∈ Rⁿ initialized to ones (an Amid et al. 2022 style learned diagonal)."""
 
+    per_seed_alpha = True
+
     def init(self, n: int, seeds: Sequence[int], dtype):
         return (tf.ones([len(seeds), n], dtype),), ()
 
     def apply(self, weights, constants, alpha, v):
         x, columns = _columns(v)
-        y = alpha * weights[0][..., None] * x
+        y = seedwise(alpha, 3) * weights[0][..., None] * x
         return y if columns else y[..., 0]
 
     def hypergradient(self, weights, constants, alpha, m, g):
         # G m = α0 φ ⊙ m, so ∂⟨G m, −g⟩/∂φ = −α0 m ⊙ g.
-        return (-alpha * m * g,)
+        return (-seedwise(alpha, 2) * m * g,)
 
 
 @dataclass(frozen=True)
 class GlobalPreconditioner:
     """G = α0·φ·I, one scalar φ per seed initialized to 1 (hypergradient descent, Baydin et al. 2017)."""
 
+    per_seed_alpha = True
+
     def init(self, n: int, seeds: Sequence[int], dtype):
         return (tf.ones([len(seeds), 1], dtype),), ()
 
     def apply(self, weights, constants, alpha, v):
         x, columns = _columns(v)
-        y = alpha * weights[0][..., None] * x
+        y = seedwise(alpha, 3) * weights[0][..., None] * x
         return y if columns else y[..., 0]
 
     def hypergradient(self, weights, constants, alpha, m, g):
-        return (-alpha * tf.reduce_sum(m * g, axis=-1, keepdims=True),)
+        return (-seedwise(alpha, 2) * tf.reduce_sum(m * g, axis=-1, keepdims=True),)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class ResidualPreconditioner:
     """
 
     num_layers: int = 64
+    per_seed_alpha = True  # a class attribute, not a field
 
     def __post_init__(self):
         value = self.num_layers
@@ -137,7 +147,7 @@ class ResidualPreconditioner:
         x, columns = _columns(v)
         n = x.shape[1]
         y = d[..., None] * self._forward(w, perms, bp.pad(x, 2 * n))
-        y = alpha * self._transpose(w, inverse_perms, y)[:, :n]
+        y = seedwise(alpha, 3) * self._transpose(w, inverse_perms, y)[:, :n]
         return y if columns else y[..., 0]
 
     def hypergradient(self, weights, constants, alpha, m, g):
@@ -150,10 +160,10 @@ class ResidualPreconditioner:
         d, w = weights
         perms, inverse_perms = constants
         out, inputs = self._forward(w, perms, bp.pad(tf.stack([m, g], axis=-1), 2 * m.shape[-1]), keep=True)
-        grad_d = -alpha * out[..., 0] * out[..., 1]
+        grad_d = -seedwise(alpha, 2) * out[..., 0] * out[..., 1]
 
         def layer(i, cot, grads):
-            grads = grads.write(i, -alpha * tf.reduce_sum(cot * inputs[i], axis=-1))
+            grads = grads.write(i, -seedwise(alpha, 2) * tf.reduce_sum(cot * inputs[i], axis=-1))
             # Moves the cotangent to layer i's input (once too often, after layer 1: cheaper than a branch).
             return i - 1, self._transpose_layer(w, inverse_perms, i, cot), grads
 

@@ -97,12 +97,34 @@ def init(
 
 
 def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimizer):
-    """One LODO step: returns ``(step, new_state)``; the caller does θ ← θ − step."""
+    """One LODO step: returns ``(step, new_state)``; the caller does θ ← θ − step.
+
+    ``alpha`` and ``beta`` are numbers (or scalar tensors), or one value per
+    seed (a list or an ``[S]`` tensor); the meta-optimizer's learning rate may
+    be per seed too. G is linear in α0, so a preconditioner that takes only a
+    scalar α0 runs at α0 = 1 and its outputs are scaled per seed: the same
+    products in the same order, so each seed gets exactly its scalar run's numbers.
+    """
     grad = tf.convert_to_tensor(grad, dtype=state.momentum.dtype)
     alpha = meta_optimizers.scalar(alpha, grad.dtype)
     beta = meta_optimizers.scalar(beta, grad.dtype)
-    hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, state.momentum, grad)
+    if alpha.shape.rank == 1 and not getattr(preconditioner, "per_seed_alpha", False):
+        one = tf.ones([], grad.dtype)
+        hyper = preconditioner.hypergradient(state.weights, state.constants, one, state.momentum, grad)
+        hyper = tuple(h * meta_optimizers.seedwise(alpha, h.shape.rank) for h in hyper)
+    else:
+        hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, state.momentum, grad)
     weights, meta = meta_optimizer.update(state.weights, hyper, state.meta)
+    beta = meta_optimizers.seedwise(beta, 2)
     momentum = beta * state.momentum + (1 - beta) * grad
-    step = preconditioner.apply(weights, state.constants, alpha, momentum)
+    step = precondition(preconditioner, weights, state.constants, alpha, momentum)
     return step, LODOState(weights, state.constants, momentum, meta)
+
+
+def precondition(preconditioner, weights, constants, alpha, v):
+    """G(φ)·v for ``[S, n]`` or ``[S, n, W]`` v, with α0 a scalar or per seed ``[S]`` (see ``update``)."""
+    if getattr(alpha, "shape", None) is not None and alpha.shape.rank == 1 \
+            and not getattr(preconditioner, "per_seed_alpha", False):
+        out = preconditioner.apply(weights, constants, tf.ones([], alpha.dtype), v)
+        return out * meta_optimizers.seedwise(alpha, out.shape.rank)
+    return preconditioner.apply(weights, constants, alpha, v)

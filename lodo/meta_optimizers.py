@@ -13,15 +13,32 @@ import tensorflow as tf
 
 
 def scalar(value, dtype) -> tf.Tensor:
-    """``value`` in ``dtype``; a Python float goes straight in (``tf.cast`` would round it through float32)."""
+    """``value`` in ``dtype``; a Python float goes straight in (``tf.cast`` would round it through float32).
+
+    A list or tuple (one value per seed) becomes an ``[S]`` tensor the same way.
+    """
     if isinstance(value, (int, float)):
         return tf.constant(value, dtype)
+    if isinstance(value, (list, tuple)):
+        return tf.constant([float(v) for v in value], dtype)
     return tf.cast(value, dtype)
+
+
+def seedwise(value, rank: int):
+    """A hyperparameter shaped to broadcast against a rank-``rank`` tensor whose leading axis is the seeds.
+
+    Per-seed values ``[S]`` become ``[S, 1, …]``; a scalar (tensor or number)
+    is returned as it is, so the scalar path computes exactly what it always did.
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and shape.rank == 1:
+        return tf.reshape(value, [-1] + [1] * (rank - 1))
+    return value
 
 
 @dataclass(frozen=True)
 class Adam:
-    learning_rate: float
+    learning_rate: float  # or a tuple of S floats, one per seed
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
@@ -41,7 +58,7 @@ class Adam:
         for p, g, m, v in zip(params, grads, ms, vs):
             m = m + (g - m) * (1 - b1)
             v = v + (tf.square(g) - v) * (1 - b2)
-            new_params.append(p - m * lr / (tf.sqrt(v) + scalar(self.epsilon, dtype)))
+            new_params.append(p - m * seedwise(lr, p.shape.rank) / (tf.sqrt(v) + scalar(self.epsilon, dtype)))
             new_ms.append(m)
             new_vs.append(v)
         return tuple(new_params), (count, tuple(new_ms), tuple(new_vs))
@@ -51,14 +68,14 @@ class Adam:
 class SGD:
     """Plain gradient descent on φ (the LODO-SGD ablation)."""
 
-    learning_rate: float
+    learning_rate: float  # or a tuple of S floats, one per seed
 
     def init(self, params):
         return ()
 
     def update(self, params, grads, state):
         lr = scalar(self.learning_rate, params[0].dtype)
-        return tuple(p - lr * g for p, g in zip(params, grads)), state
+        return tuple(p - seedwise(lr, g.shape.rank) * g for p, g in zip(params, grads)), state
 
 
 def make(name: str, learning_rate: float):

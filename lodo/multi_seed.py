@@ -3,12 +3,28 @@
 Each class's constructor keywords are the hyperparameters of its YAML in
 ``configs/optimizer/``; the ablations (SPEC §1.3) override the preconditioner
 hook or pin one hyperparameter, the same way as the Keras front end.
+
+``initial_lr``, ``meta_lr`` and ``beta`` may each be a list with one value per
+seed (see ``lodo.algorithm.update``): seed i then runs exactly as a scalar run
+with the i-th values.
 """
 
 from __future__ import annotations
 
 from lodo import ablations, algorithm, meta_optimizers
+from optimizers import is_per_seed, seed_values
 from optimizers.base import FunctionalOptimizer
+
+
+def _per_seed_or_float(value):
+    return tuple(float(v) for v in value) if is_per_seed(value) else float(value)
+
+
+def _validate(initial_lr, meta_lr, beta):
+    """Every value (or per-seed entry) as ``LODOHyperparams`` checks a scalar one."""
+    for name, value in (("initial_lr", initial_lr), ("meta_lr", meta_lr), ("beta", beta)):
+        for v in (value if is_per_seed(value) else [value]):
+            algorithm.LODOHyperparams(**{name: v})
 
 
 class MultiSeedLODO(FunctionalOptimizer):
@@ -18,13 +34,15 @@ class MultiSeedLODO(FunctionalOptimizer):
 
     def __init__(self, initial_lr=0.270, meta_lr=0.00096, beta=0.195, num_layers=16, block_size=4,
                  meta_optimizer="adam"):
-        algorithm.LODOHyperparams(initial_lr=initial_lr, meta_lr=meta_lr, beta=beta)  # validates
-        self.alpha, self.beta = float(initial_lr), float(beta)
+        _validate(initial_lr, meta_lr, beta)
+        self.alpha, self.beta = _per_seed_or_float(initial_lr), _per_seed_or_float(beta)
         self.num_layers, self.block_size = num_layers, block_size
         self.preconditioner = self._make_preconditioner()  # validates the shape now, not inside a compiled loop
-        self.meta_optimizer = meta_optimizers.make(meta_optimizer, float(meta_lr))
+        self.meta_optimizer = meta_optimizers.make(meta_optimizer, _per_seed_or_float(meta_lr))
 
         def init(n, seeds, dtype):
+            for name, value in (("initial_lr", initial_lr), ("meta_lr", meta_lr), ("beta", beta)):
+                seed_values(value, len(seeds), name)  # a per-seed list must have one value per seed
             return algorithm.init(n, seeds, self.preconditioner, self.meta_optimizer, dtype)
 
         def update(state, grad, params, oracle):
@@ -41,7 +59,8 @@ class MultiSeedLODO(FunctionalOptimizer):
 
     def preconditioner_times(self, matrix):
         state = self.state()
-        return self.preconditioner.apply(state.weights, state.constants, self.alpha, matrix)
+        alpha = meta_optimizers.scalar(self.alpha, matrix.dtype) if is_per_seed(self.alpha) else self.alpha
+        return algorithm.precondition(self.preconditioner, state.weights, state.constants, alpha, matrix)
 
 
 class MultiSeedLODODiagonal(MultiSeedLODO):

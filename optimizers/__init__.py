@@ -4,12 +4,21 @@ The registry maps each config name to ``"module:factory"``; a factory's
 keyword arguments are the optimizer's hyperparameters (the keys of its YAML in
 ``configs/optimizer/``). Modules are imported on first use, so one
 optimizer's dependencies never slow down or break another's.
+
+Per-seed hyperparameters: the optimizers in ``PER_SEED`` also take a number
+hyperparameter as a list of S numbers (one per seed of the engine's ``[S, n]``
+variable), so one compiled program can train S different settings at once
+(the genetic tuner runs a whole generation this way). Seed i then follows
+exactly the trajectory of a scalar run with the i-th values.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
+
+import numpy as np
 
 from optimizers.base import EngineOptimizer, FunctionalOptimizer, KerasOptimizer, Oracle
 
@@ -55,9 +64,56 @@ def build(name: str, **hparams) -> EngineOptimizer:
     for key, value in hparams.items():
         default = accepted[key].default
         if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if is_per_seed(value) and isinstance(default, float):
+                if name not in PER_SEED:
+                    raise ValueError(f"optimizer.{key} must be one number: {name!r} takes no per-seed lists "
+                                     f"(those that do: {', '.join(sorted(PER_SEED))})")
+                if not value or not all(_is_number(v) for v in value):
+                    raise ValueError(f"optimizer.{key} must be a number or a non-empty list of numbers (one per "
+                                     f"seed), got {value!r}")
+            elif not _is_number(value):
                 raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
     return make(**hparams)
+
+
+# Optimizers whose float hyperparameters may be per-seed lists.
+PER_SEED = frozenset({"adam", "momentum", "momentum_ema", "rmsprop", "yogi", "lbfgs", "olbfgs", "lodo",
+                      "lodo_diagonal", "lodo_global", "lodo_residuals", "lodo_no_momentum", "lodo_sgd"})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_per_seed(value) -> bool:
+    """A hyperparameter given as one value per seed (a list or tuple, as Hydra passes ``key=[a,b,…]``)."""
+    return isinstance(value, (list, tuple))
+
+
+def any_per_seed(*values) -> bool:
+    return any(is_per_seed(v) for v in values)
+
+
+def seed_values(value, num_seeds: int, name: str) -> np.ndarray:
+    """A hyperparameter as ``[S]`` float64 values: a number repeated, or a per-seed list checked for length."""
+    if is_per_seed(value):
+        if len(value) != num_seeds:
+            raise ValueError(f"optimizer.{name} has {len(value)} values but the run has {num_seeds} seeds: give one "
+                             f"value per seed (num_seeds={len(value)}) or a single number")
+        values = np.array([float(v) for v in value], dtype=np.float64)
+    else:
+        values = np.full(num_seeds, float(value), dtype=np.float64)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"optimizer.{name} must be finite, got {value!r}")
+    return values
+
+
+def check_range(name: str, value, low: float, high: float, high_open: bool = True) -> None:
+    """Every entry of a number or per-seed list within [low, high) (or [low, high]); else a one-line error."""
+    for v in (value if is_per_seed(value) else [value]):
+        if not (low <= float(v) < high if high_open else low <= float(v) <= high):
+            bound = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"optimizer.{name} must be in {bound}, got {v!r}")
 
 
 # The Keras optimizers this package adds, for ``from optimizers import Yogi, LARS``
@@ -72,4 +128,4 @@ def __getattr__(name):
 
 
 __all__ = ["EngineOptimizer", "FunctionalOptimizer", "KerasOptimizer", "Oracle", "build", "factory", "REGISTRY",
-           *KERAS_OPTIMIZERS]
+           "PER_SEED", "is_per_seed", "seed_values", *KERAS_OPTIMIZERS]

@@ -21,14 +21,19 @@ M×M×n matrix product per step.
 The memory is a ring buffer per seed indexed by slot, not age; R⁻¹ is stored
 in slot order too. Unfilled slots hold zeros (also in R⁻¹), which makes them
 exact no-ops, so no masking is needed while the memory fills.
+
+η0, τ and λ may be lists with one value per seed; they then enter ``update``
+as ``[S, 1]`` float64 columns and give each seed its scalar run's numbers.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
+from optimizers import any_per_seed, is_per_seed, seed_values
 from optimizers.base import FunctionalOptimizer
 
 INITIAL_SCALE = 1e-10  # γ before any (s, y) pair exists
@@ -107,7 +112,11 @@ def push(state: LBFGSState, s: tf.Tensor, y: tf.Tensor) -> LBFGSState:
 def update(state: LBFGSState, grad, params, oracle, *, eta0: float, tau: float, lam: float, mean_scaling: bool):
     """The step to subtract from θ, and the new state. Costs one extra gradient on this minibatch."""
     t = tf.cast(state.t, grad.dtype)
-    eta = eta0 * tau / (tau + t)
+    if isinstance(eta0, np.ndarray):  # per-seed [S, 1] columns; η0·τ in float64, as Python computes it below
+        eta = tf.constant(eta0 * tau, grad.dtype) / (tf.constant(tau, grad.dtype) + t)
+        lam = tf.constant(lam, grad.dtype)
+    else:
+        eta = eta0 * tau / (tau + t)
     s = -eta * inverse_hessian_times(state, grad, mean_scaling)
     _, grad_new = oracle.loss_and_grad(params + s)
     y = grad_new - grad + lam * s
@@ -115,13 +124,16 @@ def update(state: LBFGSState, grad, params, oracle, *, eta0: float, tau: float, 
 
 
 def _check(eta0, tau, memory, lam):
-    if not eta0 > 0:
+    def each(value):
+        return value if is_per_seed(value) else [value]
+
+    if not all(v > 0 for v in each(eta0)):
         raise ValueError(f"optimizer.eta0 must be > 0, got {eta0}")
-    if not tau > 0:
+    if not all(v > 0 for v in each(tau)):
         raise ValueError(f"optimizer.tau must be > 0, got {tau}")
     if isinstance(memory, bool) or int(memory) != memory or memory < 1:
         raise ValueError(f"optimizer.memory must be a positive integer, got {memory}")
-    if not lam >= 0:
+    if not all(v >= 0 for v in each(lam)):
         raise ValueError(f"optimizer.lam must be >= 0, got {lam}")
 
 
@@ -136,11 +148,24 @@ class LBFGS(FunctionalOptimizer):
 
     def _configure(self, eta0, tau, memory, lam):
         _check(eta0, tau, memory, lam)
-        self.eta0, self.tau, self.memory, self.lam = float(eta0), float(tau), int(memory), float(lam)
-        hp = dict(eta0=self.eta0, tau=self.tau, lam=self.lam, mean_scaling=self.mean_scaling)
+        self.memory = int(memory)
+        if any_per_seed(eta0, tau, lam):
+            self.eta0, self.tau, self.lam = eta0, tau, lam
+            hp = dict(mean_scaling=self.mean_scaling)
+
+            def make_state(n, seeds, dtype):
+                hp.update({k: seed_values(v, len(seeds), k)[:, None] for k, v in (("eta0", eta0), ("tau", tau),
+                                                                                   ("lam", lam))})
+                return init(n, seeds, dtype, self.memory)
+        else:
+            self.eta0, self.tau, self.lam = float(eta0), float(tau), float(lam)
+            hp = dict(eta0=self.eta0, tau=self.tau, lam=self.lam, mean_scaling=self.mean_scaling)
+
+            def make_state(n, seeds, dtype):
+                return init(n, seeds, dtype, self.memory)
         super().__init__(
             self.name,
-            lambda n, seeds, dtype: init(n, seeds, dtype, self.memory),
+            make_state,
             lambda state, grad, params, oracle: update(state, grad, params, oracle, **hp),
         )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from optimizers import any_per_seed, check_range, is_per_seed
 from optimizers.base import KerasOptimizer
 
 
@@ -71,6 +72,32 @@ class Yogi(keras.optimizers.Optimizer):
         return config
 
 
+def yogi_rule(h, count, slots, g, rate):
+    """``Yogi.update_step`` with ``[S, 1]`` hyperparameter columns, in the same order of operations."""
+    m, v = slots
+    dtype = g.dtype
+    b1, b2 = tf.constant(h["beta_1"], dtype), tf.constant(h["beta_2"], dtype)
+    g2 = tf.square(g)
+    m_new = b1 * m + tf.constant(1.0 - h["beta_1"], dtype) * g
+    v_new = v - tf.constant(1.0 - h["beta_2"], dtype) * tf.sign(v - g2) * g2
+    step = rate(h["learning_rate"], dtype) * m_new / (tf.sqrt(v_new) + tf.constant(h["epsilon"], dtype))
+    return step, (m_new, v_new)
+
+
 def engine_yogi(learning_rate=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-3):
-    """Yogi on the engine's ``[S, n]`` variable: element-wise, hence exact per seed."""
+    """Yogi on the engine's ``[S, n]`` variable: element-wise, hence exact per seed.
+
+    A list (one value per seed) for any hyperparameter selects the functional
+    ``yogi_rule``, which equals the Keras class seed by seed.
+    """
+    if any_per_seed(learning_rate, beta_1, beta_2, epsilon):
+        from optimizers.keras_builtins import PerSeedRule
+
+        for key, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            check_range(key, value, 0.0, 1.0)
+        for value in (epsilon if is_per_seed(epsilon) else [epsilon]):
+            if not float(value) > 0.0:
+                raise ValueError(f"Yogi epsilon must be positive, got {value!r}")
+        hp = dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+        return PerSeedRule("yogi", hp, 2, yogi_rule)
     return KerasOptimizer("yogi", Yogi(learning_rate, beta_1, beta_2, epsilon))

@@ -1,0 +1,182 @@
+"""The genetic tuner (SPEC §4.1): transforms, sampling, selection and scores on analytic problems, and the Hydra sweeper
+end to end (a sweep stopped after generation 2 continues at generation 3 with the uninterrupted sweep's result)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from hydra_plugins.lodo_ga_sweeper.ga_sweeper import GASweeper, SweepError, load_state
+from lodo import genetic
+
+ROOT = Path(__file__).resolve().parent.parent
+GA_CONFIG = yaml.safe_load((ROOT / "configs" / "hydra" / "sweeper" / "ga.yaml").read_text())
+
+
+def schedule(name):
+    entry = GA_CONFIG["schedules"][name]
+    return genetic.Schedule(name, tuple(entry["std"]), tuple(entry["steps"]), entry["population"],
+                            entry.get("halve_rates_after", False))
+
+
+def test_transforms_round_trip_and_decays_stay_in_the_unit_interval():
+    for x in [1e-8, 0.00096, 0.27, 1.0, 23002.0]:
+        assert genetic.to_search(x, "rate") == pytest.approx(math.log(x), rel=1e-15)
+        assert genetic.from_search(genetic.to_search(x, "rate"), "rate") == pytest.approx(x, rel=1e-14)
+    for x in [0.0, 0.195, 0.9, 0.9999723, 1 - 1e-12]:
+        assert genetic.to_search(x, "decay") == pytest.approx(math.log(1 - x), rel=1e-12)
+        assert genetic.from_search(genetic.to_search(x, "decay"), "decay") == pytest.approx(x, rel=1e-15, abs=1e-15)
+    z = np.random.default_rng(0).normal(0, 30, 2000)
+    decays = np.array([genetic.from_search(v, "decay") for v in z])
+    assert (decays >= 0).all() and (decays < 1).all() and not np.signbit(decays).any()
+    assert genetic.from_search(5.0, "decay") == 0.0 and genetic.from_search(-1e9, "decay") < 1.0
+    for bad, kind in [(0.0, "rate"), (-1.0, "rate"), (1.0, "decay"), (-0.1, "decay")]:
+        with pytest.raises(ValueError, match="cannot be tuned"):
+            genetic.to_search(bad, kind, "x")
+    with pytest.raises(ValueError, match="unknown kind 'log'"):
+        genetic.check_kind("beta", "log")
+
+
+def test_individuals_follow_the_schedule_std_and_are_reproducible():
+    plan = schedule("bowl").plan()
+    assert [s for s, _ in plan] == [3, 3, 3, 3, 2, 1.7, 1.4, 1.2, 0.9, 0.6]
+    mean = [0.5, -2.0]
+    for g, (std, _) in enumerate(plan):
+        z = genetic.individuals(mean, std, 4000, seed=7, generation=g, kinds=["rate", "rate"])
+        assert z.shape == (4000, 2)
+        np.testing.assert_allclose(z.mean(axis=0), mean, atol=4 * std / np.sqrt(4000))
+        np.testing.assert_allclose(z.std(axis=0), std, rtol=0.05)
+    again = genetic.individuals(mean, 3.0, 8, seed=7, generation=2, kinds=["rate", "decay"])
+    np.testing.assert_array_equal(again, genetic.individuals(mean, 3.0, 8, seed=7, generation=2, kinds=["rate", "decay"]))
+    assert not np.array_equal(again, genetic.individuals(mean, 3.0, 8, seed=7, generation=3, kinds=["rate", "decay"]))
+    assert (again[:, 1] <= 0).all()  # decays are clipped into the valid range of log(1 − x)
+
+
+def test_ga_mean_moves_to_the_optimum_of_a_2d_quadratic():
+    optimum = np.array([4.0, -3.0])
+    curvature = np.array([1.0, 5.0])
+
+    def score(z, steps, seeds):
+        assert len(seeds) == len(set(seeds)) == len(z)
+        return ((z - optimum) ** 2 * curvature).sum(axis=1)
+
+    plan = schedule("bowl").plan()
+    records = genetic.minimize(score, [0.0, 0.0], ["rate", "rate"], plan, population=32, seed=1)
+    distances = [np.linalg.norm(r["mean"] - optimum) for r in records]
+    assert len(records) == len(plan) + 1 and [r["std"] for r in records[:-1]] == [s for s, _ in plan]
+    assert distances[-1] < 0.1 * distances[0]  # 5.0 → below 0.5
+    assert distances[-1] < 0.5
+    # The better half's mean beats the generation's mean score once the noise has shrunk.
+    assert np.mean(records[-2]["scores"]) > score(records[-1]["mean"][None], 0, [0])[0]
+
+
+def test_failures_rank_worst_and_the_better_half_sets_the_mean():
+    z = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]])
+    scores = [5.0, float("nan"), 1.0, float("inf"), 2.0, 9.0]
+    assert genetic.ranking(scores).tolist() == [2, 4, 0, 5, 1, 3]
+    np.testing.assert_allclose(genetic.better_half_mean(z, scores), [(2 + 4 + 0) / 3])
+    assert genetic.better_half_mean(z[:1], [float("nan")]).tolist() == [0.0]
+
+
+def test_window_score_is_the_mean_of_the_last_tenth_of_the_steps():
+    rng = np.random.default_rng(3)
+    per_step = rng.uniform(1, 2, 1000)
+    for log_every in (1, 10, 100, 7):
+        ends = np.unique(np.append(np.arange(log_every, 1001, log_every), 1000))
+        starts = np.concatenate([[0], ends[:-1]])
+        rows = [per_step[a:b].mean() for a, b in zip(starts, ends)]
+        expected = per_step[900:].mean() if 100 % log_every == 0 else None
+        got = genetic.window_score(ends, rows, 1000, 0.1)
+        if expected is not None:
+            assert got == pytest.approx(expected, rel=1e-12)
+        else:  # rows straddling the window start are weighted by their overlap
+            weights = np.clip(np.minimum(ends, 1000) - np.maximum(starts, 900), 0, None)
+            assert got == pytest.approx((weights * rows).sum() / 100, rel=1e-12)
+    assert genetic.window_score([100, 200], [1.0, float("nan")], 200, 0.1) == math.inf
+    assert genetic.window_score([100, 150], [1.0, 1.0], 200, 0.1) == math.inf  # stopped before the window
+    assert genetic.window_score([], [], 200, 0.1) == math.inf
+    assert genetic.window_length(200, 0.1) == 20 and genetic.window_length(5, 0.1) == 1
+
+
+def test_schedules_shorten_and_extend_and_the_image_schedule_halves_rates():
+    bowl = schedule("bowl")
+    assert bowl.plan(generations=4, steps=20) == [(3.0, 20)] * 4
+    assert bowl.plan(generations=12)[-3:] == [(0.6, 8000)] * 3
+    assert schedule("rosenbrock").plan()[3] == (2.5, 200)
+    assert schedule("resnet18").population == 16 and schedule("resnet18").plan()[-1] == (0.6, 500)
+    assert schedule("image_generation").halve_rates_after and not bowl.halve_rates_after
+    with pytest.raises(ValueError, match="one entry per generation"):
+        genetic.Schedule("bad", (1.0, 2.0), (10,), 4)
+    assert set(GA_CONFIG["schedule_of_task"].values()) <= set(GA_CONFIG["schedules"])
+    assert genetic.summary_line(3, 10, [1.0, 3.0, float("nan")]) == "gen 3/10: mean 2 best 1 std 1 (1 failed)"
+
+
+def ga(sweep_dir, *extra):
+    """The real CLI: a tiny schedule (4 generations x 4 individuals x 20 steps) of Adam on Rosenbrock."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="1")
+    command = [sys.executable, "-m", "lodo.run", "-m", "hydra/sweeper=ga", "task=rosenbrock", "optimizer=adam",
+               "hydra.sweeper.population=4", "hydra.sweeper.generations=4", "hydra.sweeper.steps=20",
+               f"hydra.sweep.dir={sweep_dir}", *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_stopped_after_generation_2_resumes_at_generation_3_with_the_same_result(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    done = ga(whole)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = ga(split, "hydra.sweeper.stop_after=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((split / "ga_state.json").read_text())
+    assert [g["generation"] for g in state["generations"]] == [0, 1, 2] and not (split / "tuned.yaml").exists()
+    second = ga(split)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    a, b = (json.loads((d / "ga_state.json").read_text()) for d in (whole, split))
+    assert len(a["generations"]) == len(b["generations"]) == 4
+    for ga_, gb in zip(a["generations"], b["generations"]):
+        for key in ("z", "values", "seeds", "scores", "mean"):
+            assert ga_[key] == gb[key], key
+    assert a["mean"] == b["mean"]
+    tuned = [yaml.safe_load((d / "tuned.yaml").read_text()) for d in (whole, split)]
+    assert tuned[0] == tuned[1] and set(tuned[0]) == {"learning_rate", "beta_1", "beta_2"}
+    assert (whole / "tuned.yaml").read_text().startswith("# @package optimizer\n# Tuned by this project's genetic")
+    log = (split / "ga.log").read_text()
+    assert "resuming at generation 3/4" in log and log.count("gen 3/4: mean") == 1 and "gen 2/4: mean" in log
+    for name in ("tuning.png", "tuning.pdf"):
+        assert (whole / name).stat().st_size > 1000
+    # One job per generation ran all 4 individuals with their own seeds, none of the reported seeds 0-7.
+    seeds = [s for g in a["generations"] for s in g["seeds"]]
+    assert len(set(seeds)) == 16 and min(seeds) >= 1000
+    summary = json.loads((whole / "gen_01" / "summary.json").read_text())
+    assert summary["seeds"] == a["generations"][1]["seeds"]
+    assert summary["hyperparameters"]["learning_rate"] == [v[0] for v in a["generations"][1]["values"]]
+
+    setup = dict(a["setup"], seed=1)  # a different sweep in the same folder is refused
+    with pytest.raises(SweepError, match=r"holds a GA sweep with other settings \(seed\)"):
+        load_state(whole / "ga_state.json", setup)
+    assert load_state(tmp_path / "none.json", setup) is None
+
+
+def test_install_never_silently_replaces_a_tuned_file(tmp_path):
+    (tmp_path / "tuned" / "rosenbrock").mkdir(parents=True)
+    (tmp_path / "tuned" / "rosenbrock" / "adam.yaml").write_text("# the paper's values\n")
+    sources = {"hydra": {"runtime": {"config_sources": [{"provider": "main", "schema": "file", "path": str(tmp_path)}]}}}
+    for install, error in [(True, "exists"), ("overwrite", None), (False, None)]:
+        sweeper = GASweeper(install=install)
+        sweeper.config = OmegaConf.create(sources)
+        if error:
+            with pytest.raises(SweepError, match=r"adam.yaml exists .* hydra.sweeper.install=overwrite replaces it"):
+                sweeper._install_target("rosenbrock", "adam")
+        else:
+            target = sweeper._install_target("rosenbrock", "adam")
+            assert target == (tmp_path / "tuned" / "rosenbrock" / "adam.yaml" if install else None)
+    sweeper = GASweeper(install=True)
+    sweeper.config = OmegaConf.create(sources)
+    assert sweeper._install_target("rosenbrock", "lodo") == tmp_path / "tuned" / "rosenbrock" / "lodo.yaml"
