@@ -23,7 +23,7 @@ def toy_task(monkeypatch):
 
 def config(*overrides, steps=20, **task):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["progress=false", *overrides])
+        cfg = compose("config", overrides=["progress=false", "num_seeds=1", *overrides])
     OmegaConf.set_struct(cfg, False)
     cfg.task = {"name": "toy_image", "batch_size": 8, "steps": steps, **task}
     cfg.steps = steps
@@ -37,7 +37,7 @@ def run(cfg, folder):
 
 
 def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_path):
-    summary = run(config("optimizer=lodo", "num_seeds=2", "log_every=5"), tmp_path)
+    summary = run(config("optimizer=lodo", "optimizer.num_layers=2", "num_seeds=2", "log_every=5"), tmp_path)
     for name in ("config.yaml", "curve.csv", "validation.csv", "summary.json", "seed_0.json", "seed_1.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["optimizer"] == "lodo"
@@ -76,7 +76,7 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     from lodo import trainer
 
-    whole = run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
+    whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
 
     calls = {"n": 0}
     train = trainer.SeedTrainer.train
@@ -89,9 +89,9 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer.SeedTrainer, "train", killed_after_three_chunks)
     with pytest.raises(KeyboardInterrupt):
-        run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
+        run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
     monkeypatch.setattr(trainer.SeedTrainer, "train", train)
-    resumed = run(config("optimizer=lodo", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
+    resumed = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
 
     first = json.loads((tmp_path / "whole" / "seed_0.json").read_text())["record"]
     second = json.loads((tmp_path / "killed" / "seed_0.json").read_text())["record"]
