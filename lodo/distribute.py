@@ -32,6 +32,11 @@ def _split_cpu(count) -> None:
             f"process (start a new process, e.g. `python -m lodo.run ...`)") from None
 
 
+def configure_devices(cfg) -> None:
+    """Split the CPU as ``cfg.num_cpu_devices`` says; call before anything starts TensorFlow's runtime."""
+    _split_cpu(cfg.get("num_cpu_devices"))
+
+
 def make_strategy(cfg) -> tf.distribute.Strategy:
     """The strategy that ``cfg`` (the ``distribute`` group) names."""
     name = cfg.get("name", "single")
