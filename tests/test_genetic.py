@@ -180,3 +180,19 @@ def test_install_never_silently_replaces_a_tuned_file(tmp_path):
     sweeper = GASweeper(install=True)
     sweeper.config = OmegaConf.create(sources)
     assert sweeper._install_target("rosenbrock", "lodo") == tmp_path / "tuned" / "rosenbrock" / "lodo.yaml"
+
+
+def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_image_tasks(tmp_path):
+    sweeper = GASweeper(job_overrides=["progress=false"])
+    values, seeds = [[0.5, 0.9], [1e-05, 0.0]], [1008, 1009]
+    (small,) = sweeper._jobs(2, 1500, ["learning_rate", "momentum"], values, seeds, False, ["task=rosenbrock"],
+                             tmp_path)
+    overrides, folder, members = small
+    assert folder == tmp_path / "gen_02" and members == [0, 1]
+    assert overrides[:4] == ["task=rosenbrock", "steps=1500", "log_every=150", "progress=false"]
+    assert {"seed=1008", "num_seeds=2", "optimizer.learning_rate=[0.5,1e-05]", "optimizer.momentum=[0.9,0.0]",
+            "hydra.sweep.subdir=gen_02", f"hydra.sweep.dir='{tmp_path}'"} <= set(overrides)
+    image = sweeper._jobs(0, 1000, ["learning_rate", "momentum"], values, seeds, True, [], tmp_path)
+    assert [(f.relative_to(tmp_path).as_posix(), m) for _, f, m in image] == [("gen_00/ind_00", [0]),
+                                                                              ("gen_00/ind_01", [1])]
+    assert {"seed=1009", "num_seeds=1", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(image[1][0])
