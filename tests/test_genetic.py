@@ -196,3 +196,22 @@ def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_im
     assert [(f.relative_to(tmp_path).as_posix(), m) for _, f, m in image] == [("gen_00/ind_00", [0]),
                                                                               ("gen_00/ind_01", [1])]
     assert {"seed=1009", "num_seeds=1", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(image[1][0])
+
+
+def test_result_is_the_final_mean_with_learning_rates_halved_on_request(tmp_path):
+    keys, kinds = ["initial_lr", "meta_lr", "beta"], ["rate", "rate", "decay"]
+    final = [math.log(0.08459), math.log(7.946e-6), math.log(1 - 0.9343)]
+    z = [[math.log(0.1), math.log(1e-5), math.log(0.1)], [math.log(0.05), math.log(1e-6), math.log(0.05)]]
+    state = {"setup": {"plan": [[3.0, 1000]], "population": 2, "center": [0.27, 0.00096, 0.195], "task": "t",
+                       "optimizer": "lodo"},
+             "generations": [{"generation": 0, "mean": final, "z": z, "scores": [0.7, None],
+                              "values": [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]}],
+             "mean": final}
+    sweeper = GASweeper(export_dir=str(tmp_path / "export"))
+    schedule = genetic.Schedule("image_generation", (3.0,), (1000,), 2, halve_rates_after=True)
+    tuned = sweeper._finish(state, keys, kinds, schedule, True, "pixelcnn_mnist", "lodo", tmp_path, None)
+    assert tuned == pytest.approx({"initial_lr": 0.08459 / 2, "meta_lr": 7.946e-6, "beta": 0.9343}, rel=1e-12)
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert yaml.safe_load(text) == pytest.approx({"initial_lr": 0.042295, "meta_lr": 7.946e-6, "beta": 0.9343})
+    assert "initial_lr halved after tuning" in text and "better half 0.7, best 0.7" in text
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["tuned.yaml", "tuning.pdf", "tuning.png"]
