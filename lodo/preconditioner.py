@@ -69,6 +69,24 @@ class BlockNetwork:
         ]
         return perms.astype(np.int32), blocks
 
+    def stream(self, rng: np.random.Generator, dtype=np.float64, chunk: int = 1 << 16):
+        """The draws of ``draw``, one layer at a time: yields ``("perm", i, [ñ] int32)`` for every
+        layer, then ``("blocks", i, [ñ/k, k, k] dtype)``.
+
+        Same generator calls in the same order, so the same numbers; the blocks are drawn
+        ``chunk`` at a time (a normal stream and a batched QR do not depend on how they are
+        split), so at most one layer in ``dtype`` and one float64 chunk exist at once, which
+        matters when a layer holds 10⁸ entries.
+        """
+        for i in range(self.num_layers):
+            yield "perm", i, rng.permutation(self.padded).astype(np.int32)
+        for i in range(self.num_layers):
+            out = np.empty((self.num_blocks, self.block_size, self.block_size), dtype)
+            for start in range(0, self.num_blocks, chunk):
+                count = min(chunk, self.num_blocks - start)
+                out[start:start + count] = random_orthogonal_blocks(rng, count, self.block_size)
+            yield "blocks", i, out
+
 
 def inverse_permutations(perms: np.ndarray) -> np.ndarray:
     """Inverses along the last axis, so Pᵀx is also a gather."""

@@ -1,0 +1,285 @@
+"""LODO's block-permutation update for one model, layer by layer on its variables (the Keras core).
+
+The numbers are those of ``lodo.algorithm.update`` with ``BlockPermutationPreconditioner`` and
+one seed; this module organises the work for models of 10⁵–10⁷ parameters, where LODO's own
+state (φ and its meta-Adam moments, ≈ 1.5 KB per parameter) dwarfs the model:
+
+- Every layer's blocks φ_i, meta-Adam moments m_i, v_i and permutation are variables of their
+  own, and the compiled programs update them in place (XLA aliases an updated variable to its
+  input buffer), so a step never holds a second copy of the state.
+- The hypergradient is never held whole. Going down the layers, layer i's hypergradient is
+  formed, fed to the meta-optimizer together with m_i and v_i, and dropped; the cotangent that
+  flows on to layer i − 1 is computed from layer i's old blocks, read before they are overwritten.
+- The layer inputs that the hypergradient needs are recomputed segment by segment from
+  checkpoints at segment starts (``Plan.segment`` layers per segment), instead of being kept
+  for all N layers.
+- Pᵀu is a scatter through the stored permutation p. P x = x[p] is a scatter through p⁻¹
+  when the inverses are kept (``Plan.inverse``) and a gather otherwise: XLA on CPU runs a
+  scatter as a loop of its own, but fuses a gather into the layers around it and then loads
+  every gathered element once per use, about three times slower here.
+- Each segment is one XLA program (``jit_compile``), so a step costs one launch per segment
+  (plus one to produce the checkpoints) instead of hundreds of small kernels, and separate
+  programs keep XLA from merging a recomputation with the forward pass it repeats.
+
+``Plan.choose`` keeps everything (one segment, both permutation directions) while that costs
+little memory, which is also the fastest layout, and switches to the lean one for big models.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from lodo import meta_optimizers
+from lodo import preconditioner as bp
+
+# Below this many bytes of optional memory (inverse permutations plus every layer's inputs),
+# the fast layout is used; ResNet-18 (11.2M parameters) needs ~4 GB for it, the PixelCNN 36 MB.
+FAST_LAYOUT_MAX_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a step trades memory for time: ``segment`` layers are recomputed together from one
+    checkpoint (``segment == num_layers``: nothing is recomputed), and ``inverse`` keeps p⁻¹ too."""
+
+    segment: int
+    inverse: bool
+
+    def __post_init__(self):
+        if not isinstance(self.segment, (int, np.integer)) or isinstance(self.segment, bool) or self.segment < 1:
+            raise ValueError(f"LODO plan segment must be a positive integer, got {self.segment!r}")
+
+    @staticmethod
+    def fast(network: bp.BlockNetwork) -> "Plan":
+        return Plan(segment=network.num_layers, inverse=True)
+
+    @staticmethod
+    def lean(network: bp.BlockNetwork) -> "Plan":
+        # √N layers per segment minimises checkpoints + one segment's inputs (N/s + s vectors).
+        return Plan(segment=max(1, round(math.sqrt(network.num_layers))), inverse=False)
+
+    @staticmethod
+    def choose(network: bp.BlockNetwork, itemsize: int, plan="auto") -> "Plan":
+        """``plan``: "auto" (fast while its extra memory is below ``FAST_LAYOUT_MAX_BYTES``),
+        "fast", "lean", or a ``Plan``."""
+        if isinstance(plan, Plan):
+            return plan
+        if plan == "fast":
+            return Plan.fast(network)
+        if plan == "lean":
+            return Plan.lean(network)
+        if plan == "auto":
+            extra = network.num_layers * network.padded * (4 + 2 * itemsize)
+            return Plan.fast(network) if extra <= FAST_LAYOUT_MAX_BYTES else Plan.lean(network)
+        raise ValueError(f"LODO plan must be 'auto', 'fast', 'lean' or a layerwise.Plan, got {plan!r}")
+
+    def segments(self, num_layers: int) -> list[tuple[int, int]]:
+        """``[(start, stop), …]`` in layer order; the last one may be shorter."""
+        return [(lo, min(lo + self.segment, num_layers)) for lo in range(0, num_layers, self.segment)]
+
+
+@dataclass
+class LayerState:
+    """LODO's variables, one per layer and kind (plain ``tf.Variable``s, or one device's copies)."""
+
+    perms: list  # N × [ñ] int32: P_i x = x[p_i]
+    inverses: list  # N × [ñ] int32 p_i⁻¹, or [] when the plan does not keep them
+    blocks: list  # N × [ñ/k, k, k]: φ
+    first: list  # N × meta-Adam first moments of φ_i ([] for SGD)
+    second: list  # N × meta-Adam second moments
+    count: list  # [meta-Adam step count] ([] for SGD)
+    momentum: list  # [m_t, [n]]
+
+    def flatten(self) -> list:
+        return [*self.perms, *self.inverses, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
+
+    def unflatten(self, values) -> "LayerState":
+        """The same structure over ``values`` (e.g. another device's copies, in ``flatten`` order)."""
+        values, out = list(values), {}
+        for name in ("perms", "inverses", "blocks", "first", "second", "count", "momentum"):
+            size = len(getattr(self, name))
+            out[name], values = values[:size], values[size:]
+        return LayerState(**out)
+
+
+def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.random.Generator, dtype,
+                 meta_optimizer) -> LayerState:
+    """LODO's variables, made one layer at a time from the draws of ``BlockNetwork.stream``.
+
+    ``add_variable(shape, initializer, dtype, name)`` is the Keras optimizer's; each
+    initializer hands over one layer's array, so no step of the construction holds a second
+    copy of φ (or a float64 one).
+    """
+    np_dtype = tf.as_dtype(dtype).as_numpy_dtype
+    state = LayerState([], [], [], [], [], [], [])
+
+    def variable(value, name, kind=None):
+        out = add_variable(shape=value.shape, initializer=lambda shape, dtype: value, dtype=kind or dtype, name=name)
+        return out
+
+    for kind, i, value in network.stream(rng, np_dtype):
+        if kind == "perm":
+            state.perms.append(variable(value, f"lodo_perm_{i}", "int32"))
+            if plan.inverse:
+                inverse = np.empty_like(value)
+                inverse[value] = np.arange(len(value), dtype=value.dtype)
+                state.inverses.append(variable(inverse, f"lodo_inverse_perm_{i}", "int32"))
+        else:
+            state.blocks.append(variable(value, f"lodo_blocks_{i}"))
+        del value
+    if isinstance(meta_optimizer, meta_optimizers.Adam):
+        shape = (network.num_blocks, network.block_size, network.block_size)
+        for i in range(network.num_layers):
+            state.first.append(add_variable(shape=shape, initializer="zeros", dtype=dtype, name=f"lodo_adam_m_{i}"))
+        for i in range(network.num_layers):
+            state.second.append(add_variable(shape=shape, initializer="zeros", dtype=dtype, name=f"lodo_adam_v_{i}"))
+        state.count.append(add_variable(shape=(), initializer="zeros", dtype="int64", name="lodo_adam_count"))
+    elif not isinstance(meta_optimizer, meta_optimizers.SGD):
+        raise ValueError(f"the layerwise LODO core supports the adam and sgd meta-optimizers, got {meta_optimizer!r}")
+    state.momentum.append(add_variable(shape=(network.n,), initializer="zeros", dtype=dtype, name="lodo_momentum"))
+    return state
+
+
+# --- the arithmetic on one layer's [ñ] vectors (viewed as [ñ/k, k]) ------------------------------
+
+def _times(block: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """(B y)[b, a] = Σ_j B[b, a, j] y[b, j], as k explicit terms so that XLA makes one elementwise loop."""
+    k = block.shape[-1]
+    y = tf.reshape(y, [-1, 1, k])
+    out = block[:, :, 0] * y[:, :, 0]
+    for j in range(1, k):
+        out = out + block[:, :, j] * y[:, :, j]
+    return tf.reshape(out, [-1])
+
+
+def _times_transposed(block: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+    """(Bᵀ u)[b, j] = Σ_a B[b, a, j] u[b, a]."""
+    k = block.shape[-1]
+    u = tf.reshape(u, [-1, k, 1])
+    out = block[:, 0, :] * u[:, 0, :]
+    for a in range(1, k):
+        out = out + block[:, a, :] * u[:, a, :]
+    return tf.reshape(out, [-1])
+
+
+def _scatter(index: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """out[index[j]] = x[j] (index is a permutation)."""
+    return tf.scatter_nd(index[:, None], x, tf.shape(x))
+
+
+class LayerwiseCore:
+    """One LODO step on a ``LayerState`` as a few XLA programs; see the module docstring."""
+
+    def __init__(self, network: bp.BlockNetwork, plan: Plan, meta_optimizer, beta: float, dtype,
+                 template: LayerState):
+        self.network, self.plan, self.meta, self.beta = network, plan, meta_optimizer, beta
+        self._template = template  # the structure of the state lists (any device's copies)
+        self.dtype = tf.as_dtype(dtype)
+        self.adam = isinstance(meta_optimizer, meta_optimizers.Adam)
+        self.segments = plan.segments(network.num_layers)
+        self._checkpoints = tf.function(self._checkpoint_program, jit_compile=True)
+        self._programs = [tf.function(functools.partial(self._segment_program, lo, hi), jit_compile=True)
+                          for lo, hi in self.segments]
+
+    # -- permutations ------------------------------------------------------------------------------
+    def _permute(self, state: LayerState, i: int, x: tf.Tensor) -> tf.Tensor:
+        """P_i x = x[p_i]."""
+        if state.inverses:
+            return _scatter(state.inverses[i], x)
+        return tf.gather(x, state.perms[i])
+
+    def _permute_transposed(self, state: LayerState, i: int, u: tf.Tensor) -> tf.Tensor:
+        """P_iᵀ u: out[p_i[j]] = u[j]."""
+        return _scatter(state.perms[i], u)
+
+    def _pad(self, v: tf.Tensor) -> tf.Tensor:
+        return tf.concat([v, tf.zeros([self.network.padded - self.network.n], v.dtype)], axis=0)
+
+    # -- the programs --------------------------------------------------------------------------------
+    def _checkpoint_program(self, state_vars, grad):
+        """The two columns (m_t, g) entering every segment but the first, through the old blocks."""
+        state = self._template.unflatten(state_vars)
+        columns = [self._pad(state.momentum[0].read_value()), self._pad(grad)]
+        starts = [lo for lo, _ in self.segments[1:]]
+        out = []
+        for i in range(starts[-1]):
+            block = state.blocks[i].read_value()
+            columns = [_times(block, self._permute(state, i, c)) for c in columns]
+            if i + 1 in starts:
+                out.append(columns)
+        return out
+
+    def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, checkpoint, cotangent):
+        """Layers [lo, hi): recompute their inputs, then from layer hi−1 down to lo form the layer's
+        hypergradient, step its φ_i (and moments) in place, and carry the cotangent down with
+        the old blocks. Returns the cotangent at the segment's input; the first segment then
+        also updates m and applies G(φ_{t+1}) m_{t+1} to the model's variables."""
+        state = self._template.unflatten(state_vars)
+        n = self.network.n
+        momentum = state.momentum[0].read_value() if lo == 0 else None
+        columns = [self._pad(momentum), self._pad(grad)] if lo == 0 else list(checkpoint)
+        inputs, old = [], {}
+        for i in range(lo, hi):
+            old[i] = state.blocks[i].read_value()
+            x = [self._permute(state, i, c) for c in columns]
+            inputs.append(x)
+            columns = [_times(old[i], c) for c in x]
+        if hi == self.network.num_layers:
+            cotangent = [columns[1], columns[0]]  # the m path's cotangent is A g̃, the g path's A m̃
+        new_blocks = {}
+        for i in reversed(range(lo, hi)):
+            x, k = inputs[i - lo], self.network.block_size
+            c = [tf.reshape(t, [-1, k, 1]) for t in cotangent]
+            p = [tf.reshape(t, [-1, 1, k]) for t in x]
+            hyper = -alpha * (c[0] * p[0] + c[1] * p[1])  # Σ over the two paths of cotangent ⊗ input
+            if self.adam:
+                meta_state = (count, (state.first[i].read_value(),), (state.second[i].read_value(),))
+                (block,), (_, (first,), (second,)) = self.meta.update((old[i],), (hyper,), meta_state)
+                state.first[i].assign(first)
+                state.second[i].assign(second)
+            else:
+                (block,), _ = self.meta.update((old[i],), (hyper,), ())
+            if i > 0:
+                cotangent = [self._permute_transposed(state, i, _times_transposed(old[i], t)) for t in cotangent]
+            state.blocks[i].assign(block)
+            new_blocks[i] = block
+        if lo > 0:
+            return cotangent
+
+        # Steps 5 and 1 of Algorithm 1 with the new φ.
+        beta = meta_optimizers.scalar(self.beta, self.dtype)
+        momentum = beta * momentum + (1 - beta) * grad
+        state.momentum[0].assign(momentum)
+        blocks = [new_blocks[i] if i in new_blocks else state.blocks[i].read_value()
+                  for i in range(self.network.num_layers)]
+        y = self._pad(momentum)
+        for i in range(self.network.num_layers):
+            y = _times(blocks[i], self._permute(state, i, y))
+        for i in reversed(range(self.network.num_layers)):
+            y = self._permute_transposed(state, i, _times_transposed(blocks[i], y))
+        step = alpha * y[:n]
+        sizes = [int(np.prod(v.shape)) for v in model_vars]
+        for var, piece in zip(model_vars, tf.split(step, sizes)):
+            var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
+        return []
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self, state: LayerState, grad: tf.Tensor, model_vars, alpha) -> None:
+        """θ ← θ − G(φ_{t+1}) m_{t+1} on ``model_vars`` after the meta-step of φ, given g = ∇L(θ) (flat ``[n]``)."""
+        grad = tf.cast(grad, self.dtype)
+        alpha = tf.cast(alpha, self.dtype)
+        state_vars = state.flatten()
+        count = state.count[0].read_value() if self.adam else tf.zeros([], tf.int64)
+        checkpoints = self._checkpoints(state_vars, grad) if len(self.segments) > 1 else []
+        cotangent = []  # the top segment starts it
+        for index in reversed(range(len(self.segments))):
+            checkpoint = checkpoints[index - 1] if index > 0 else []
+            cotangent = self._programs[index](state_vars, list(model_vars), grad, alpha, count, checkpoint,
+                                              cotangent)
+        if self.adam:
+            state.count[0].assign_add(1)
