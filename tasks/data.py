@@ -224,6 +224,16 @@ def check_int(name: str, value, minimum: int = 1, allow_none: bool = False):
     return int(value)
 
 
+def check_unknown(task: str, unknown: dict, init) -> None:
+    """A one-line ``ValueError`` for task options the constructor ``init`` does not take."""
+    if unknown:
+        import inspect
+
+        valid = [p for p in inspect.signature(init).parameters if p not in ("self", "unknown")]
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for task {task}; valid options: "
+                         f"{', '.join(valid)}")
+
+
 def step_keys(seed: int, stream: int, step, count: int):
     """``count`` independent stateless RNG keys ``[count, 2]`` for one training step.
 

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.data import check_int, data_options, layer_seed, load_images, step_keys
+from tasks.data import check_int, check_unknown, data_options, layer_seed, load_images, step_keys
 from tasks.image_base import ImageTask
 
 HEIGHT = WIDTH = 28
@@ -111,7 +111,8 @@ class PixelCNNMNIST(ImageTask):
     steps = 300_000
 
     def __init__(self, dataset="mnist", data=None, batch_size=256, stem_kernel=1, eval_images_per_batch=None,
-                 test_size=None):
+                 test_size=None, **unknown):
+        check_unknown(self.name, unknown, PixelCNNMNIST.__init__)
         if dataset not in DATASETS:
             raise ValueError(f"task.dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
         self.dataset = dataset

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.data import check_int, data_options, layer_seed, load_images, step_keys
+from tasks.data import check_int, check_unknown, data_options, layer_seed, load_images, step_keys
 from tasks.image_base import ImageTask
 
 SIZE = 32
@@ -89,7 +89,8 @@ class ResNet18CIFAR10(ImageTask):
     steps = 3000
 
     def __init__(self, data=None, batch_size=2048, weight_decay=1e-4, augment=True, sampling="epochs",
-                 eval_batch_size=1000, test_size=None):
+                 eval_batch_size=1000, test_size=None, **unknown):
+        check_unknown(self.name, unknown, ResNet18CIFAR10.__init__)
         self.data = data_options(data)
         self.batch_size = check_int("task.batch_size", batch_size)
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -158,17 +159,22 @@ class ResNet18CIFAR10(ImageTask):
             for e in range(span)])
         return tf.cast(tf.gather_nd(perms, tf.stack([epoch - first, position], axis=1)), tf.int64)
 
-    def train_batch(self, seed: int, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        images, labels = self._train_tensors()
+    def train_plan(self, seed: int, step) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The step's image indices, crop offsets (top, left in 0..8) and flips, ``[batch]`` each."""
         keys = step_keys(seed, TRAIN_STREAM, step, 4)
         # Epoch permutations are shared by the steps of an epoch: their key hangs off the seed alone.
         epoch_key = step_keys(seed, EPOCH_STREAM, 0, 1)[0]
         index = self.train_indices(epoch_key if self.sampling == "epochs" else keys[0], step)
+        top = tf.random.stateless_uniform([self.batch_size], keys[1], 0, 2 * PAD + 1, tf.int64, alg="philox")
+        left = tf.random.stateless_uniform([self.batch_size], keys[2], 0, 2 * PAD + 1, tf.int64, alg="philox")
+        flip = tf.random.stateless_uniform([self.batch_size], keys[3], 0, 2, tf.int64, alg="philox") == 1
+        return index, top, left, flip
+
+    def train_batch(self, seed: int, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = self._train_tensors()
+        index, top, left, flip = self.train_plan(seed, step)
         x = tf.gather(images, index)
         if self.augment:
-            top = tf.random.stateless_uniform([self.batch_size], keys[1], 0, 2 * PAD + 1, tf.int64, alg="philox")
-            left = tf.random.stateless_uniform([self.batch_size], keys[2], 0, 2 * PAD + 1, tf.int64, alg="philox")
-            flip = tf.random.stateless_uniform([self.batch_size], keys[3], 0, 2, tf.int64, alg="philox") == 1
             x = augment(x, top, left, flip)
         return self.normalize(x), tf.gather(labels, index)
 
