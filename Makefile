@@ -105,6 +105,13 @@ reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNI
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status
 
+# Needs internet. DATA_DIR empty: TFDS's default folder (~/tensorflow_datasets, or $TFDS_DATA_DIR), which the
+# task configs read with data_dir: null; otherwise pass task.data.data_dir=$(DATA_DIR) to the runs.
+.PHONY: data
+DATA_DIR ?=
+data: install  ## download and prepare mnist, fashion_mnist, cifar10 with TFDS into DATA_DIR (needs internet)
+	$(RUN) scripts/prepare_data.py --data-dir "$(DATA_DIR)"
+
 .PHONY: meta-train-l2l
 meta-train-l2l: install  ## meta-train the L2LBGDBGD LSTM on noisy bowls -> optimizers/weights/ (a few minutes)
 	$(RUN) scripts/meta_train_l2l.py --out optimizers/weights/l2lbgdbgd_bowl.npz

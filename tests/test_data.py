@@ -177,3 +177,22 @@ def test_data_options_are_checked():
         with pytest.raises(ValueError, match=words) as err:
             data.data_options(bad)
         one_line(err)
+
+
+def test_prepare_data_script_prepares_then_reads_back(tmp_path, capsys):
+    import runpy
+    from unittest import mock
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "prepare_data.py"))
+
+    def fake_download(builder, *args, **kwargs):  # what a real download leaves: the metadata (+ data, mocked)
+        Path(builder.data_dir).mkdir(parents=True)
+        builder.info.write_to_directory(builder.data_dir)
+
+    with tfds.testing.mock_data(num_examples=3, data_dir=str(tmp_path)), \
+            mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare", fake_download):
+        assert script["main"](["--data-dir", str(tmp_path), "--datasets", "mnist", "cifar10"]) == 0
+        assert script["main"](["--data-dir", str(tmp_path), "--datasets", "mnist"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist: downloading and preparing into" in out and "mnist: already prepared in" in out
+    assert "  test: 3 images (32, 32, 3)" in out and f"task.data.data_dir={tmp_path}" in out
