@@ -95,11 +95,21 @@ def hardware() -> dict:
     return info
 
 
+def op_determinism() -> bool | None:
+    """Whether TensorFlow's op determinism is on (None: TensorFlow not loaded)."""
+    if "tensorflow" not in sys.modules:
+        return None
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
 def record(cfg) -> dict:
     from omegaconf import OmegaConf
 
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "op_determinism": op_determinism(),
         **code(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

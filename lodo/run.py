@@ -81,10 +81,13 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"unknown {group} {value!r}; valid {group} names: {', '.join(valid)}")
 
 
+EXAMPLES = {"steps": 1000, "num_seeds": 8, "chunk_size": 1000}
+
+
 def _positive_int(cfg, key):
     value = cfg.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r} (e.g. {key}=1000)")
+        raise ConfigError(f"{key} must be a positive integer, got {value!r} (e.g. {key}={EXAMPLES[key]})")
     return value
 
 
@@ -187,14 +190,27 @@ def start_fresh(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
+def _written_by_this_attempt(path: Path) -> bool:
+    """A provenance.json this process wrote into a folder that held no earlier attempt."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("pid") == os.getpid() and "previous_attempts" not in record
+
+
 def discard_empty_run_folder(out_dir: Path) -> None:
-    """After bad input, remove the folder Hydra made for this run if it holds nothing but Hydra's own files."""
+    """After bad input, remove the folder Hydra made for this run if it holds nothing but Hydra's own
+    files (and this attempt's provenance.json): a rejected run leaves no run folder behind."""
     try:
         entries = list(out_dir.iterdir())
     except OSError:
         return
-    if any(e.name != ".hydra" and not (e.is_file() and e.suffix == ".log") for e in entries):
-        return
+    for e in entries:
+        disposable = (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")
+                      or (e.name == "provenance.json" and _written_by_this_attempt(e)))
+        if not disposable:
+            return
     if out_dir.resolve() == Path.cwd().resolve():
         return
     shutil.rmtree(out_dir / ".hydra", ignore_errors=True)
@@ -424,7 +440,8 @@ def claim_gpu() -> str:
     job: the first job in a worker takes the first free GPU (an exclusive
     ``flock`` on a per-GPU lock file, released when the process exits) and
     keeps it. The GPUs are those in ``CUDA_VISIBLE_DEVICES`` of the launching
-    shell, else those ``nvidia-smi`` lists.
+    shell, else those ``nvidia-smi`` lists. Jobs of different sweeps on one
+    machine share the locks (``$LODO_GPU_LOCK_DIR``, default a folder in /tmp).
     """
     import fcntl
     import subprocess
@@ -446,8 +463,8 @@ def claim_gpu() -> str:
     if not gpus:
         raise ConfigError("gpu_per_job=true found no GPU (CUDA_VISIBLE_DEVICES is empty and nvidia-smi lists none); "
                           "drop gpu_per_job or run on a GPU node")
-    lock_dir = Path(tempfile.gettempdir()) / f"lodo-gpu-locks-{os.getuid()}"
-    lock_dir.mkdir(exist_ok=True)
+    lock_dir = Path(os.environ.get("LODO_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / f"lodo-gpu-locks-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
     for gpu in gpus:
         handle = open(lock_dir / f"gpu-{gpu}.lock", "w")
         try:
@@ -491,7 +508,7 @@ def main(cfg: DictConfig) -> dict:
         import tasks
         from lodo import provenance
 
-        if not cfg.checkpoint.resume:
+        if not (cfg.get("checkpoint") or {}).get("resume", True):
             start_fresh(out_dir)
         else:
             finished = finished_summary(cfg, out_dir)
@@ -535,20 +552,26 @@ def hydra_error(err: BaseException) -> str | None:
                 f"hydra.run.dir=… (hydra.sweep.dir=… with -m)")
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
-    parts, options = [], []
+    parts = []
     texts = [str(err)] + ([str(err.__cause__)] if isinstance(err.__cause__, OmegaConfBaseException) else [])
     for text in texts:
-        for line in text.splitlines():
-            if line.startswith("\t"):
-                options.append(line.strip())  # "Available options in 'group':" lists one per line
-                continue
+        lines = iter(text.splitlines())
+        for line in lines:
             line = line.strip().rstrip(".")
+            if line.startswith("Available options in"):  # then one option per line, then the search path
+                group = line.split("'")[1] if "'" in line else "the group"
+                options = []
+                for option in lines:
+                    if not option.startswith("\t"):
+                        break
+                    options.append(option.strip())
+                parts.append(f"valid {group} options: {', '.join(options)}")
+                break
             if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "See https://",
                                              "Set the environment variable")) or line in parts:
                 continue
             parts.append(line)
-    message = "; ".join(parts)
-    return message + (" " + ", ".join(options) if options else "")
+    return "; ".join(parts)
 
 
 def cli() -> None:
@@ -570,4 +593,8 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    # Run the imported module's cli, not this __main__ copy: other modules (the image trainer) raise
+    # lodo.run.ConfigError, which must be the very class main() catches.
+    from lodo.run import cli as run_cli
+
+    run_cli()

@@ -1,12 +1,14 @@
 """The multi-seed engine: per-seed correctness, the Keras front end's trajectory, budgets, divergence."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import optimizers
 import tasks
 from lodo import LODO, metrics
-from lodo.engine import Engine
+from lodo.checkpoints import RunCheckpoint
+from lodo.engine import Engine, Trace
 from lodo.multi_seed import MultiSeedLODO
 from reference import numpy_bowl
 
@@ -137,3 +139,37 @@ def test_learning_curve_windows_are_means_of_the_per_step_losses():
     np.testing.assert_allclose(seed6.loss, [losses[:100, 1].mean(), losses[100:200, 1].mean(), losses[200:, 1].mean()])
     result = metrics.loss_at(trace, bowl, 250)
     np.testing.assert_allclose(result["loss_per_seed"], losses[-2:].mean(axis=0))
+
+
+@pytest.mark.parametrize("task_name, optimizer_name, hp", [
+    ("noisy_quadratic_bowl", "lodo", {"num_layers": 2}),  # functional state: φ, meta-Adam moments, momentum
+    ("noisy_quadratic_bowl", "adam", {}),  # Keras state, including its step counter (bias correction)
+    ("rosenbrock", "yogi", {}),  # a recorded trajectory
+])
+def test_stop_after_a_chunk_checkpoint_restore_and_continue_bit_for_bit(tmp_path, task_name, optimizer_name, hp):
+    task = tasks.build(task_name, **({"dim": 8} if task_name == "noisy_quadratic_bowl" else {}))
+    record = task_name == "rosenbrock"
+
+    def engine():
+        return Engine(task, optimizers.build(optimizer_name, **hp), [3, 4], chunk_size=10, record_params=record)
+
+    whole = engine()
+    reference = whole.run(60, hessian_every=20)
+    first = engine()
+    stopped = first.run(60, hessian_every=20, after_chunk=lambda trace: trace.steps_done >= 30)
+    assert stopped.steps_done == 30
+    RunCheckpoint(tmp_path, **first.state()).save(30, stopped.to_arrays())
+
+    second = engine()
+    restored = RunCheckpoint(tmp_path, **second.state()).restore()
+    assert restored["step"] == 30
+    trace = second.run(60, hessian_every=20, trace=Trace.from_arrays([3, 4], restored))
+    np.testing.assert_array_equal(second.params.numpy(), whole.params.numpy())
+    np.testing.assert_array_equal(trace.loss_matrix(), reference.loss_matrix())
+    assert [s for s, _, _ in trace.hessian_errors] == [s for s, _, _ in reference.hessian_errors]
+    for (_, _, a), (_, _, b) in zip(trace.hessian_errors, reference.hessian_errors):
+        np.testing.assert_array_equal(a, b)
+    assert [s for s, _ in trace.chunk_ends] == [s for s, _ in reference.chunk_ends]
+    assert trace.train_time_s > stopped.train_time_s  # the clock continues from the checkpoint
+    if record:
+        np.testing.assert_array_equal(trace.trajectory(), reference.trajectory())
