@@ -373,7 +373,13 @@ class GASweeper(Sweeper):
         return tuned
 
     def _plot(self, state, keys, kinds, sweep_dir: Path) -> None:
-        """Scores per generation and each hyperparameter's trajectory (PNG and PDF)."""
+        """Scores per generation and each hyperparameter's trajectory (PNG and PDF); a failure only warns."""
+        try:
+            self._draw(state, keys, kinds, sweep_dir)
+        except Exception as err:  # the figure must never cost the sweep its result
+            log.warning(f"the tuning plot failed ({type(err).__name__}: {err}); the results are unaffected")
+
+    def _draw(self, state, keys, kinds, sweep_dir: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -385,18 +391,26 @@ class GASweeper(Sweeper):
         gens = state["generations"]
         fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.2 * (1 + len(keys)), 3.6), squeeze=False)
         ax = axes[0, 0]
-        best, middle = [], []
+        finite = [v for r in gens for v in r["scores"] if v is not None and math.isfinite(v)]
+        log_scale = bool(finite) and min(finite) > 0
+        # Scores of runaway runs (1e270 is possible in float64) sit on a ceiling, failures just above it.
+        ceiling = (min(finite) * 1e6 if log_scale else max(finite)) if finite else 1.0
+        best, middle, failure_label = [], [], "failed (NaN/inf)"
         for record in gens:
             s = np.array([np.inf if v is None else v for v in record["scores"]], dtype=float)
             ok = s[np.isfinite(s)]
-            ax.scatter(np.full(ok.size, record["generation"]), ok, s=8, alpha=0.4, color="tab:blue")
+            x = record["generation"]
+            ax.scatter(np.full(ok.size, x), np.minimum(ok, ceiling), s=8, alpha=0.4, color="tab:blue")
+            if ok.size < s.size:
+                ax.scatter([x] * (s.size - ok.size), [ceiling * (2 if log_scale else 1)] * (s.size - ok.size), s=12,
+                           marker="x", color="tab:red", label=failure_label)
+                failure_label = None
             best.append(ok.min() if ok.size else np.nan)
-            middle.append(np.median(ok) if ok.size else np.nan)
+            middle.append(min(np.median(ok), ceiling) if ok.size else np.nan)
         g = [r["generation"] for r in gens]
         ax.plot(g, best, "o-", color="tab:red", label="best")
         ax.plot(g, middle, "s--", color="tab:gray", label="median")
-        finite = [v for r in gens for v in r["scores"] if v is not None and math.isfinite(v)]
-        if finite and min(finite) > 0:
+        if log_scale:
             ax.set_yscale("log")
         ax.set(xlabel="generation", ylabel="score (training loss)", title=f"{state['setup']['optimizer']} on "
                f"{state['setup']['task']}")
