@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -550,6 +551,11 @@ def hydra_error(err: BaseException) -> str | None:
     if isinstance(err, OSError) and err.filename is not None:
         return (f"cannot create the run folder {err.filename}: {err.strerror}; choose a writable folder with "
                 f"hydra.run.dir=… (hydra.sweep.dir=… with -m)")
+    if isinstance(err, ValueError) and not isinstance(err, ConfigError):
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and f"{os.sep}hydra{os.sep}" in frames[-1].filename:  # e.g. -m together with --cfg
+            return " ".join(str(err).split())
+        return None
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
     parts = []

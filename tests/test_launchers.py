@@ -75,7 +75,7 @@ def test_slurm_whole_node_config(tmp_path, monkeypatch):
 
 
 def test_launcher_configs_print_with_cfg_hydra():
-    result = cli("-m", "hydra/launcher=slurm_node", "--cfg", "hydra", "-p", "hydra.launcher")
+    result = cli("hydra/launcher=slurm_node", "--cfg", "hydra", "-p", "hydra.launcher")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SlurmLauncher" in result.stdout and "exclusive: true" in result.stdout
 
