@@ -167,9 +167,25 @@ def _times_transposed(block: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
     return tf.reshape(out, [-1])
 
 
+def _after(x: tf.Tensor, *tensors: tf.Tensor) -> tf.Tensor:
+    """``x``, computed only once ``tensors`` are: adds 0·t[0] for each (0·t is not folded for floats).
+
+    An in-place update of a variable must run after every other read of its old value; XLA
+    copies the whole variable first unless the program's data flow puts those reads before
+    the write. For finite values this changes nothing (x + 0 = x).
+    """
+    tie = tf.add_n([tf.reshape(t, [-1])[0] for t in tensors])
+    return x + tf.zeros([], x.dtype) * tie
+
+
 def _scatter(index: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """out[index[j]] = x[j] (index is a permutation)."""
-    return tf.scatter_nd(index[:, None], x, tf.shape(x))
+    """out[index[j]] = x[j] (index is a permutation, so every entry is written).
+
+    The buffer scattered into is made from ``x``'s arrival: a fresh zero buffer that depends
+    on nothing is a constant that XLA copies for each scatter and schedules at the start of the
+    program, where all of them would be alive at once.
+    """
+    return tf.tensor_scatter_nd_update(_after(tf.zeros_like(x), x), index[:, None], x)
 
 
 class LayerwiseCore:
@@ -182,9 +198,9 @@ class LayerwiseCore:
         self.dtype = tf.as_dtype(dtype)
         self.adam = isinstance(meta_optimizer, meta_optimizers.Adam)
         self.segments = plan.segments(network.num_layers)
-        self._checkpoints = tf.function(self._checkpoint_program, jit_compile=True)
-        self._programs = [tf.function(functools.partial(self._segment_program, lo, hi), jit_compile=True)
-                          for lo, hi in self.segments]
+        compile = functools.partial(tf.function, jit_compile=True, autograph=False)
+        self._checkpoints = compile(self._checkpoint_program)
+        self._programs = [compile(functools.partial(self._segment_program, lo, hi)) for lo, hi in self.segments]
 
     # -- permutations ------------------------------------------------------------------------------
     def _permute(self, state: LayerState, i: int, x: tf.Tensor) -> tf.Tensor:
@@ -237,6 +253,9 @@ class LayerwiseCore:
             c = [tf.reshape(t, [-1, k, 1]) for t in cotangent]
             p = [tf.reshape(t, [-1, 1, k]) for t in x]
             hyper = -alpha * (c[0] * p[0] + c[1] * p[1])  # Σ over the two paths of cotangent ⊗ input
+            if i > 0:
+                cotangent = [self._permute_transposed(state, i, _times_transposed(old[i], t)) for t in cotangent]
+                hyper = _after(hyper, *cotangent)  # old φ_i's last reads come before its overwrite
             if self.adam:
                 meta_state = (count, (state.first[i].read_value(),), (state.second[i].read_value(),))
                 (block,), (_, (first,), (second,)) = self.meta.update((old[i],), (hyper,), meta_state)
@@ -244,8 +263,6 @@ class LayerwiseCore:
                 state.second[i].assign(second)
             else:
                 (block,), _ = self.meta.update((old[i],), (hyper,), ())
-            if i > 0:
-                cotangent = [self._permute_transposed(state, i, _times_transposed(old[i], t)) for t in cotangent]
             state.blocks[i].assign(block)
             new_blocks[i] = block
         if lo > 0:
@@ -253,7 +270,7 @@ class LayerwiseCore:
 
         # Steps 5 and 1 of Algorithm 1 with the new φ.
         beta = meta_optimizers.scalar(self.beta, self.dtype)
-        momentum = beta * momentum + (1 - beta) * grad
+        momentum = _after(beta * momentum + (1 - beta) * grad, inputs[0][0])  # after the read of m_t above
         state.momentum[0].assign(momentum)
         blocks = [new_blocks[i] if i in new_blocks else state.blocks[i].read_value()
                   for i in range(self.network.num_layers)]
@@ -283,3 +300,33 @@ class LayerwiseCore:
                                               cotangent)
         if self.adam:
             state.count[0].assign_add(1)
+
+    def compiled_memory(self, state: LayerState, model_vars) -> dict:
+        """Bytes that XLA allocates for each program of a step beyond its arguments, from its buffer
+        assignment: ``{"checkpoints": …, "segment 0-4": …, …}``. Updated variables that were
+        not aliased to their input buffer would show up here as whole extra copies.
+        """
+        plain = lambda v: v if isinstance(v, tf.Variable) else v.value  # Keras variables hold a tf.Variable
+        state_vars, model_vars = [plain(v) for v in state.flatten()], [plain(v) for v in model_vars]
+        padded = self.network.padded
+        grad = tf.zeros([self.network.n], self.dtype)
+        alpha, count = tf.zeros([], self.dtype), tf.zeros([], tf.int64)
+        pair = [tf.zeros([padded], self.dtype)] * 2
+        out = {}
+        if len(self.segments) > 1:
+            out["checkpoints"] = _temp_bytes(self._checkpoints, state_vars, grad)
+        for index, (lo, hi) in enumerate(self.segments):
+            args = (state_vars, list(model_vars), grad, alpha, count, pair if index > 0 else [],
+                    pair if index < len(self.segments) - 1 else [])
+            out[f"segment {lo}-{hi - 1}"] = _temp_bytes(self._programs[index], *args)
+        return out
+
+
+def _temp_bytes(function, *args) -> int:
+    """Non-argument bytes in the buffer assignment of ``function`` compiled for ``args``."""
+    from tensorflow.compiler.xla.service import hlo_pb2
+
+    serialized = function.experimental_get_compiler_ir(*args)(stage="optimized_hlo_proto_serialized")
+    allocations = hlo_pb2.HloProto.FromString(serialized).buffer_assignment.buffer_allocations
+    return int(sum(a.size for a in allocations
+                   if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local)))
