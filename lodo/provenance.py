@@ -32,7 +32,7 @@ ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SL
 _ATTEMPTS: dict[str, str] = {}  # run folder -> this process's start time there (one attempt per process)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -117,7 +117,7 @@ def record(cfg) -> dict:
         "hardware": hardware(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
-        "start_time": _now(),
+        "start_time": utc_now(),
         "command_line": shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},

@@ -316,7 +316,10 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
         trace = engine.run(steps, time_budget_s=cfg.time_budget_s, hessian_every=hessian_every, progress=progress,
                            trace=trace, after_chunk=after_chunk)
         save(trace)
-        if preemption.requested:
+        budget = cfg.time_budget_s
+        completed = trace.all_diverged or (trace.steps_done >= steps
+                                           and (budget is None or trace.train_time_s >= budget))
+        if preemption.requested and not completed:  # (a signal after the last step: just write the results)
             bar.close()
             writer.flush()
             print(f"stopped by {preemption.signal_name} at step {trace.steps_done}: checkpoint saved in "
@@ -348,8 +351,8 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
         "seed_steps_per_s": len(seeds) * final["steps"] / train_time if train_time > 0 else None,
         "compile_time_s": trace.compile_time_s,
         "optimum_loss": task.optimum_loss(),
-        # The run ended on its own: every step done, or stopped early because every seed diverged.
-        "completed": trace.steps_done >= steps or trace.all_diverged,
+        # The run ended on its own: every step (and second) done, or stopped early because every seed diverged.
+        "completed": completed,
     }
     if cfg.time_budget_s is not None:
         budget_steps = trace.steps_within(cfg.time_budget_s)
@@ -464,7 +467,8 @@ def claim_gpu() -> str:
     if not gpus:
         raise ConfigError("gpu_per_job=true found no GPU (CUDA_VISIBLE_DEVICES is empty and nvidia-smi lists none); "
                           "drop gpu_per_job or run on a GPU node")
-    lock_dir = Path(os.environ.get("LODO_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / f"lodo-gpu-locks-{os.getuid()}")
+    default_locks = Path(tempfile.gettempdir()) / f"lodo-gpu-locks-{os.getuid()}"
+    lock_dir = Path(os.environ.get("LODO_GPU_LOCK_DIR") or default_locks)
     lock_dir.mkdir(parents=True, exist_ok=True)
     for gpu in gpus:
         handle = open(lock_dir / f"gpu-{gpu}.lock", "w")
@@ -524,7 +528,7 @@ def main(cfg: DictConfig) -> dict:
             result = run_image_task(cfg, out_dir)
         else:
             result = run_small_task(cfg, out_dir)
-        provenance.write(out_dir, cfg, end_time=provenance._now())
+        provenance.write(out_dir, cfg, end_time=provenance.utc_now())
         return result
     except (ConfigError, CheckpointError, DataError) as err:
         discard_empty_run_folder(out_dir)
@@ -532,8 +536,9 @@ def main(cfg: DictConfig) -> dict:
     except OSError as err:
         if err.filename is None:
             raise
-        fail(f"cannot write {err.filename}: {err.strerror}; choose a writable folder with hydra.run.dir=… "
-             f"(hydra.sweep.dir=… with -m)")
+        inside = Path(str(err.filename)).resolve().is_relative_to(out_dir.resolve())
+        fail(f"cannot access {err.filename}: {err.strerror}"
+             + ("; choose a writable folder with hydra.run.dir=… (hydra.sweep.dir=… with -m)" if inside else ""))
 
 
 def fail(message: str):
