@@ -125,7 +125,8 @@ class PixelCNNMNIST(ImageTask):
         self.test_size = check_int("test_size", test_size, allow_none=True)
         self._arrays = None  # NumPy: train (without validation), validation, test images [N, 28, 28]
         self._train_tensor = None
-        self._compiled = {}  # (kind, id(model)) -> (model, tf.function)
+        self._validation = None  # (x, y) of the validation set, built once
+        self._compiled = {}  # kind -> (model, tf.function)
 
     # --- data ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -165,21 +166,25 @@ class PixelCNNMNIST(ImageTask):
         return pixel_inputs(tf.gather(self._train_images(), index), query)
 
     def validation_data(self) -> tf.data.Dataset:
+        """The 64 held-out images at 16 query pixels each (1,024 examples), in batches of 256."""
         self.load()
-        images = np.repeat(self._arrays[1], VALIDATION_QUERIES, axis=0)
-        query = np.random.default_rng(VALIDATION_SEED).integers(0, PIXELS, len(images))
-        x, y = pixel_inputs(tf.constant(images), tf.constant(query))
-        return tf.data.Dataset.from_tensor_slices((x, y)).batch(256)
+        if self._validation is None:
+            images = np.repeat(self._arrays[1], VALIDATION_QUERIES, axis=0)
+            query = np.random.default_rng(VALIDATION_SEED).integers(0, PIXELS, len(images))
+            with tf.init_scope():
+                self._validation = pixel_inputs(tf.constant(images), tf.constant(query))
+        return tf.data.Dataset.from_tensor_slices(self._validation).batch(256)
 
     # --- model --------------------------------------------------------------------------------
     def build_model(self, seed: int) -> keras.Model:
         return build_pixelcnn(seed, self.stem_kernel)
 
     def _compiled_fn(self, kind: str, model: keras.Model, make):
-        entry = self._compiled.get((kind, id(model)))
+        """The compiled function ``kind`` for ``model``; one model at a time, so seeds trained one
+        after another don't pile up models and graphs."""
+        entry = self._compiled.get(kind)
         if entry is None or entry[0] is not model:
-            entry = (model, make(model))
-            self._compiled[(kind, id(model))] = entry
+            entry = self._compiled[kind] = (model, make(model))
         return entry[1]
 
     # --- test loss over all 784 query positions ---------------------------------------------------
