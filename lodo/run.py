@@ -520,6 +520,13 @@ def main(cfg: DictConfig) -> dict:
             if finished is not None:
                 print(f"already finished: {out_dir}", flush=True)
                 return finished
+        if tasks.is_image_task(cfg.task.name):
+            from lodo import distribute
+
+            try:  # logical devices must exist before anything (provenance, determinism) starts TensorFlow
+                distribute.configure_devices(cfg.distribute)
+            except distribute.DistributeError as err:
+                raise ConfigError(str(err)) from None
         set_determinism(cfg)
         provenance.write(out_dir, cfg)
         if tasks.is_image_task(cfg.task.name):

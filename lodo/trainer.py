@@ -440,7 +440,7 @@ def run_image_task(cfg: DictConfig, out_dir: Path) -> dict:
         extra = {**extra, "num_params": trainer.num_params, "optimizer_state_bytes": trainer.state_bytes(),
                  "optimizer_state_bytes_per_param": trainer.state_bytes() / trainer.num_params,
                  "batch_size": task.batch_size, "distribute": distribute.describe(strategy)}
-        if seed == seeds[0]:
+        if seed == seeds[0] and cfg.get("artifacts", True):
             extra["artifacts"] = [str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p)
                                   for p in task.artifacts(trainer.model, out_dir, seed)]
         outputs.write_json(done_file, {"record": record.to_json(), "extra": extra})
