@@ -54,8 +54,15 @@ report-table8: install  ## rebuild results/table8.* and figures 3, 11 from runs/
 reproduce-small: install  ## every small-task experiment in turn: Table 1, Table 7, frozen test, Table 8
 	status=0; for t in table1 table7 frozen table8; do $(MAKE) reproduce-$$t || status=1; done; exit $$status
 
-bench: install  ## throughput of every optimizer on the bowl (8 seeds) -> results/bench.md
+bench: install  ## throughput of every optimizer on the bowl (8 seeds) -> results/bench.md, then bench-images
 	$(RUN) scripts/bench.py --out results/bench.md
+	$(MAKE) bench-images
+
+.PHONY: bench-images
+bench-images: install  ## image-task step time per optimizer on CPU: PixelCNN at batch 256, ResNet-18 at batch 8
+	$(RUN) scripts/bench_images.py --task pixelcnn_mnist --batch 256 --steps 5 --repeats 2
+	$(RUN) scripts/bench_images.py --task resnet18_cifar10 --batch 8 --steps 3 --repeats 2 \
+	  --optimizers adam,momentum,rmsprop,yogi,lars
 
 # Image tasks (SPEC §3.3-3.4, §5). The paper's scale needs GPUs and the real MNIST / CIFAR-10 (`make data`);
 # the *-cpu targets run the reduced scale (scale=cpu: 3,000 steps, 2 seeds, 100 test images) on real Fashion-MNIST
