@@ -115,3 +115,34 @@ def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
     task = tasks.build("toy_image", batch_size=7)
     with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
         SeedTrainer(cfg, task, TwoReplicas(), seed=0)
+
+
+def test_a_termination_signal_checkpoints_exits_for_requeue_and_the_rerun_finishes_identically(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from lodo import trainer
+    from lodo.preemption import Preemption
+
+    whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "whole")
+
+    calls = {"n": 0}
+    train = trainer.SeedTrainer.train
+
+    def signalled_during_chunk_two(self, iterator, count):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends before preemption
+        return train(self, iterator, count)
+
+    monkeypatch.setattr(trainer.SeedTrainer, "train", signalled_during_chunk_two)
+    with pytest.raises(SystemExit) as stopped:
+        run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "stopped")
+    assert stopped.value.code == Preemption.EXIT_CODE
+    assert list((tmp_path / "stopped" / "checkpoints" / "seed_0").glob("ckpt-*"))
+    monkeypatch.setattr(trainer.SeedTrainer, "train", train)
+    resumed = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "stopped")
+    first = json.loads((tmp_path / "whole" / "seed_0.json").read_text())["record"]
+    second = json.loads((tmp_path / "stopped" / "seed_0.json").read_text())["record"]
+    assert second["losses"] == first["losses"]
+    assert resumed["test_loss_per_seed"] == whole["test_loss_per_seed"]
