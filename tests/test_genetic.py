@@ -185,17 +185,57 @@ def test_install_never_silently_replaces_a_tuned_file(tmp_path):
 def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_image_tasks(tmp_path):
     sweeper = GASweeper(job_overrides=["progress=false"])
     values, seeds = [[0.5, 0.9], [1e-05, 0.0]], [1008, 1009]
-    (small,) = sweeper._jobs(2, 1500, ["learning_rate", "momentum"], values, seeds, False, ["task=rosenbrock"],
-                             tmp_path)
-    overrides, folder, members = small
-    assert folder == tmp_path / "gen_02" and members == [0, 1]
+    overrides, folder = sweeper._job(2, 1500, ["learning_rate", "momentum"], values, seeds, 0, 2, False,
+                                     ["task=rosenbrock"], tmp_path)
+    assert folder == tmp_path / "gen_02"
     assert overrides[:4] == ["task=rosenbrock", "steps=1500", "log_every=150", "progress=false"]
     assert {"seed=1008", "num_seeds=2", "optimizer.learning_rate=[0.5,1e-05]", "optimizer.momentum=[0.9,0.0]",
             "hydra.sweep.subdir=gen_02", f"hydra.sweep.dir='{tmp_path}'"} <= set(overrides)
-    image = sweeper._jobs(0, 1000, ["learning_rate", "momentum"], values, seeds, True, [], tmp_path)
-    assert [(f.relative_to(tmp_path).as_posix(), m) for _, f, m in image] == [("gen_00/ind_00", [0]),
-                                                                              ("gen_00/ind_01", [1])]
-    assert {"seed=1009", "num_seeds=1", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(image[1][0])
+    overrides, folder = sweeper._job(0, 1000, ["learning_rate", "momentum"], values, seeds, 1, 2, True, [], tmp_path)
+    assert folder == tmp_path / "gen_00" / "ind_01"
+    assert {"seed=1009", "num_seeds=1", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(overrides)
+
+
+class FakeLauncher:
+    """Runs no training: a job 'crashes' if it holds a bad seed, else writes curve.csv with loss = seed."""
+
+    def __init__(self, bad_seeds):
+        self.bad, self.batches = set(bad_seeds), []
+
+    def launch(self, batch, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.batches.append([dict(o.split("=", 1) for o in overrides) for overrides in batch])
+        returns = []
+        for job in self.batches[-1]:
+            seeds = range(int(job["seed"]), int(job["seed"]) + int(job["num_seeds"]))
+            if self.bad & set(seeds):
+                returns.append(JobReturn(status=JobStatus.FAILED, _return_value=ValueError("boom")))
+                continue
+            folder = Path(job["hydra.sweep.dir"].strip("'")) / job["hydra.sweep.subdir"]
+            folder.mkdir(parents=True)
+            rows = "".join(f"{s},{step},0.0,{s}.0\n" for s in seeds for step in (5, 10))
+            (folder / "curve.csv").write_text("seed,step,train_time_s,loss\n" + rows)
+            returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value={}))
+        return returns
+
+
+def test_a_crashed_generation_job_is_split_until_the_failing_individuals_are_found(tmp_path):
+    sweeper = GASweeper()
+    sweeper.launcher = FakeLauncher(bad_seeds={105})
+    sweeper.validate_batch_is_legal = lambda batch: None
+    seeds = list(range(100, 108))
+    values = [[0.1 * (i + 1)] for i in range(8)]
+    state = {"jobs_launched": 3}
+    scores, walls, folders, _ = sweeper._run_generation(0, 10, ["learning_rate"], values, seeds, False, [], tmp_path,
+                                                       state)
+    assert scores == [100, 101, 102, 103, 104, math.inf, 106, 107]
+    assert [len(b) for b in sweeper.launcher.batches] == [1, 2, 2, 2] and state["jobs_launched"] == 3 + 7
+    assert len(walls) == 4
+    assert [f.relative_to(tmp_path).as_posix() for f in folders] == [
+        "gen_00", "gen_00/ind_00-03", "gen_00/ind_04-07", "gen_00/ind_04-05", "gen_00/ind_06-07", "gen_00/ind_04",
+        "gen_00/ind_05"]
+    assert sweeper.launcher.batches[2][1]["optimizer.learning_rate"] == "[0.7000000000000001,0.8]"
 
 
 def test_result_is_the_final_mean_with_learning_rates_halved_on_request(tmp_path):

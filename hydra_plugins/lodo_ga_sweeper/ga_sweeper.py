@@ -253,28 +253,17 @@ class GASweeper(Sweeper):
             z = genetic.individuals(state["mean"], std, population, self.seed, g, kinds)
             values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
             seeds = [self.first_seed + g * population + i for i in range(population)]
-            jobs = self._jobs(g, steps, keys, values, seeds, image, kept, sweep_dir)
-            batch = [overrides_ for overrides_, _, _ in jobs]
-            self.validate_batch_is_legal(batch)
-            tic = time.perf_counter()
-            results = self.launcher.launch(batch, initial_job_idx=state["jobs_launched"])
-            wall = time.perf_counter() - tic
-            scores = [math.inf] * population
-            for (_, folder, members), result in zip(jobs, results):
-                if result.status != JobStatus.COMPLETED:
-                    log.warning(f"gen {g}: job in {folder} failed ({result._return_value!r}); its individuals score "
-                                f"worst")
-                    continue
-                for i, score in self._scores(folder, members, seeds, steps).items():
-                    scores[i] = score
+            scores, walls, folders, results = self._run_generation(g, steps, keys, values, seeds, image, kept,
+                                                                   sweep_dir, state)
+            wall = sum(walls)
             state["generations"].append({
                 "generation": g, "std": std, "steps": steps, "mean": list(state["mean"]), "z": z.tolist(),
-                "values": values, "seeds": seeds, "scores": scores, "wall_s": wall,
-                "jobs": [str(Path(folder).relative_to(sweep_dir)) for _, folder, _ in jobs], "finished": _now()})
+                "values": values, "seeds": seeds, "scores": scores, "wall_s": wall, "retry_wall_s": sum(walls[1:]),
+                "jobs": [str(Path(folder).relative_to(sweep_dir)) for folder in folders], "finished": _now()})
             state["mean"] = genetic.better_half_mean(z, scores).tolist()
-            state["jobs_launched"] += len(batch)
             outputs.write_json(state_path, state)
-            self._log(sweep_dir, genetic.summary_line(g, len(plan), scores) + f" ({wall:.1f} s)")
+            retried = f", {sum(walls[1:]):.1f} s of it re-running crashed jobs" if len(walls) > 1 else ""
+            self._log(sweep_dir, genetic.summary_line(g, len(plan), scores) + f" ({wall:.1f} s{retried})")
             returns.append(results)
 
         if len(state["generations"]) < len(plan):
@@ -286,26 +275,67 @@ class GASweeper(Sweeper):
         self._log(sweep_dir, "tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in tuned.items()))
         return returns
 
-    def _jobs(self, g, steps, keys, values, seeds, image, kept, sweep_dir):
-        """(overrides, run folder, individuals) per job: the whole generation in one, or one per individual."""
+    def _run_generation(self, g, steps, keys, values, seeds, image, kept, sweep_dir, state):
+        """Launches a generation's jobs; returns (scores, wall seconds per round of jobs, run folders, job returns).
+
+        A job that crashes takes every individual in it down with it; on the
+        small tasks, where one job runs many individuals, its individuals are
+        split in halves and launched again, until the crash is pinned on single
+        individuals, which score worst. (A job that stops the whole app, such
+        as a configuration error, stops the sweep instead.)
+        """
+        scores = [math.inf] * len(seeds)
+        ranges = [(0, len(seeds))] if not image else [(i, i + 1) for i in range(len(seeds))]
+        walls, folders, returns = [], [], []
+        while ranges:
+            jobs = [self._job(g, steps, keys, values, seeds, lo, hi, image, kept, sweep_dir) for lo, hi in ranges]
+            batch = [overrides for overrides, _ in jobs]
+            self.validate_batch_is_legal(batch)
+            tic = time.perf_counter()
+            results = self.launcher.launch(batch, initial_job_idx=state["jobs_launched"])
+            walls.append(time.perf_counter() - tic)
+            state["jobs_launched"] += len(batch)
+            returns.extend(results)
+            retry = []
+            for (lo, hi), (_, folder), result in zip(ranges, jobs, results):
+                folders.append(folder)
+                if result.status == JobStatus.COMPLETED:
+                    for i, score in self._scores(folder, range(lo, hi), seeds, steps).items():
+                        scores[i] = score
+                    continue
+                error = f"{type(result._return_value).__name__}: {result._return_value}"
+                if hi - lo > 1:
+                    retry += [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
+                    log.warning(f"gen {g}: the job of individuals {lo}-{hi - 1} failed ({error}); running each half "
+                                f"on its own to find the individuals that fail")
+                else:
+                    log.warning(f"gen {g}: individual {lo} failed ({error}); it scores worst")
+            ranges = retry
+        return scores, walls, folders, returns
+
+    def _job(self, g, steps, keys, values, seeds, lo, hi, image, kept, sweep_dir):
+        """(overrides, run folder) of the job that trains individuals lo … hi−1 (one seed each).
+
+        On the small tasks the individuals' values are per-seed lists; the
+        whole generation is one job in ``gen_<g>/``, and a split-off part
+        (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job
+        trains one individual in ``gen_<g>/ind_<i>/``.
+        """
         from lodo import genetic
 
         window = genetic.window_length(steps, self.score_window)
         log_every = math.gcd(steps, window)  # curve rows that tile the score window exactly
         common = [*kept, f"steps={steps}", f"log_every={log_every}", *self.job_overrides,
-                  f"hydra.sweep.dir={quote(sweep_dir)}"]
-        if not image:
-            subdir = f"gen_{g:02d}"
-            lists = [f"optimizer.{k}=[{','.join(number(row[d]) for row in values)}]" for d, k in enumerate(keys)]
-            return [([*common, f"seed={seeds[0]}", f"num_seeds={len(seeds)}", *lists, f"hydra.sweep.subdir={subdir}"],
-                     sweep_dir / subdir, list(range(len(seeds))))]
-        jobs = []
-        for i, row in enumerate(values):
-            subdir = f"gen_{g:02d}/ind_{i:02d}"
-            scalars = [f"optimizer.{k}={number(row[d])}" for d, k in enumerate(keys)]
-            jobs.append(([*common, f"seed={seeds[i]}", "num_seeds=1", *scalars, f"hydra.sweep.subdir={subdir}"],
-                         sweep_dir / subdir, [i]))
-        return jobs
+                  f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo]}", f"num_seeds={hi - lo}"]
+        if image:
+            subdir = f"gen_{g:02d}/ind_{lo:02d}"
+            settings = [f"optimizer.{k}={number(values[lo][d])}" for d, k in enumerate(keys)]
+        else:
+            part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
+            subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"
+            settings = [f"optimizer.{k}=[{','.join(number(row[d]) for row in values[lo:hi])}]"
+                        for d, k in enumerate(keys)]
+        return [*common, *settings, f"hydra.sweep.subdir={subdir}"], sweep_dir / subdir
 
     def _scores(self, folder: Path, members, seeds, steps) -> dict:
         """Individual → score from the run's ``curve.csv`` (rows per seed); a missing curve scores worst."""
