@@ -139,8 +139,8 @@ class LODO(keras.optimizers.Optimizer):
         if not self.layerwise:
             return tf.nest.pack_sequence_as(self._treedef, [v.value for v in self._state_variables])
         layers = self._layer_state
-        perms = tf.stack([tf.convert_to_tensor(p.value) for p in layers.perms])[None]
-        inverses = tf.stack([tf.math.invert_permutation(p) for p in tf.unstack(perms[0])])[None]
+        inverses = tf.stack([tf.convert_to_tensor(q.value) for q in layers.inverses])[None]
+        perms = tf.stack([tf.math.invert_permutation(q) for q in tf.unstack(inverses[0])])[None]
         weights = tuple(tf.convert_to_tensor(b.value)[None] for b in layers.blocks)
         meta = ()
         if layers.count:

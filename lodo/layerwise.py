@@ -13,10 +13,11 @@ state (φ and its meta-Adam moments, ≈ 1.5 KB per parameter) dwarfs the model:
 - The layer inputs that the hypergradient needs are recomputed segment by segment from
   checkpoints at segment starts (``Plan.segment`` layers per segment), instead of being kept
   for all N layers.
-- Pᵀu is a scatter through the stored permutation p. P x = x[p] is a scatter through p⁻¹
-  when the inverses are kept (``Plan.inverse``) and a gather otherwise: XLA on CPU runs a
-  scatter as a loop of its own, but fuses a gather into the layers around it and then loads
-  every gathered element once per use, about three times slower here.
+- Permutations are applied as scatters: P x = x[p] scatters x through p⁻¹, and Pᵀu scatters u
+  through p. XLA on CPU runs a scatter as a loop of its own, while it fuses a gather into the
+  layers around it and then loads each gathered element once per use (about three times
+  slower here). The lean plan keeps only p⁻¹ and rebuilds p by scattering 0, 1, …, ñ − 1
+  through p⁻¹ where Pᵀ is needed (``Plan.inverse``).
 - Each segment is one XLA program (``jit_compile``), so a step costs one launch per segment
   (plus one to produce the checkpoints) instead of hundreds of small kernels, and separate
   programs keep XLA from merging a recomputation with the forward pass it repeats.
@@ -37,7 +38,7 @@ import tensorflow as tf
 from lodo import meta_optimizers
 from lodo import preconditioner as bp
 
-# Below this many bytes of optional memory (inverse permutations plus every layer's inputs),
+# Below this many bytes of optional memory (the second permutation direction plus every layer's inputs),
 # the fast layout is used; ResNet-18 (11.2M parameters) needs ~4 GB for it, the PixelCNN 36 MB.
 FAST_LAYOUT_MAX_BYTES = 256 * 2**20
 
@@ -45,7 +46,8 @@ FAST_LAYOUT_MAX_BYTES = 256 * 2**20
 @dataclass(frozen=True)
 class Plan:
     """How a step trades memory for time: ``segment`` layers are recomputed together from one
-    checkpoint (``segment == num_layers``: nothing is recomputed), and ``inverse`` keeps p⁻¹ too."""
+    checkpoint (``segment == num_layers``: nothing is recomputed), and ``inverse`` keeps p as well as
+    p⁻¹ (otherwise p is rebuilt from p⁻¹ in every step)."""
 
     segment: int
     inverse: bool
@@ -87,8 +89,8 @@ class Plan:
 class LayerState:
     """LODO's variables, one per layer and kind (plain ``tf.Variable``s, or one device's copies)."""
 
-    perms: list  # N × [ñ] int32: P_i x = x[p_i]
-    inverses: list  # N × [ñ] int32 p_i⁻¹, or [] when the plan does not keep them
+    inverses: list  # N × [ñ] int32 p_i⁻¹, where P_i x = x[p_i]
+    perms: list  # N × [ñ] int32 p_i, or [] when the plan does not keep them
     blocks: list  # N × [ñ/k, k, k]: φ
     first: list  # N × meta-Adam first moments of φ_i ([] for SGD)
     second: list  # N × meta-Adam second moments
@@ -96,12 +98,12 @@ class LayerState:
     momentum: list  # [m_t, [n]]
 
     def flatten(self) -> list:
-        return [*self.perms, *self.inverses, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
+        return [*self.inverses, *self.perms, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
 
     def unflatten(self, values) -> "LayerState":
         """The same structure over ``values`` (e.g. another device's copies, in ``flatten`` order)."""
         values, out = list(values), {}
-        for name in ("perms", "inverses", "blocks", "first", "second", "count", "momentum"):
+        for name in ("inverses", "perms", "blocks", "first", "second", "count", "momentum"):
             size = len(getattr(self, name))
             out[name], values = values[:size], values[size:]
         return LayerState(**out)
@@ -124,11 +126,12 @@ def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.ran
 
     for kind, i, value in network.stream(rng, np_dtype):
         if kind == "perm":
-            state.perms.append(variable(value, f"lodo_perm_{i}", "int32"))
+            inverse = np.empty_like(value)
+            inverse[value] = np.arange(len(value), dtype=value.dtype)
+            state.inverses.append(variable(inverse, f"lodo_inverse_perm_{i}", "int32"))
+            del inverse
             if plan.inverse:
-                inverse = np.empty_like(value)
-                inverse[value] = np.arange(len(value), dtype=value.dtype)
-                state.inverses.append(variable(inverse, f"lodo_inverse_perm_{i}", "int32"))
+                state.perms.append(variable(value, f"lodo_perm_{i}", "int32"))
         else:
             state.blocks.append(variable(value, f"lodo_blocks_{i}"))
         del value
@@ -168,24 +171,28 @@ def _times_transposed(block: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
 
 
 def _after(x: tf.Tensor, *tensors: tf.Tensor) -> tf.Tensor:
-    """``x``, computed only once ``tensors`` are: adds 0·t[0] for each (0·t is not folded for floats).
+    """``x``, computed only once the float ``tensors`` are: adds 0·t[0] (XLA does not fold 0·t for floats).
 
     An in-place update of a variable must run after every other read of its old value; XLA
     copies the whole variable first unless the program's data flow puts those reads before
     the write. For finite values this changes nothing (x + 0 = x).
     """
-    tie = tf.add_n([tf.reshape(t, [-1])[0] for t in tensors])
-    return x + tf.zeros([], x.dtype) * tie
+    ties = [tf.reshape(t, [-1])[0] for t in tensors if t.dtype.is_floating]
+    if not ties:
+        return x
+    tie = tf.add_n([tf.cast(t, ties[0].dtype) for t in ties])
+    return x + tf.cast(tf.zeros([], tie.dtype) * tie, x.dtype)
 
 
-def _scatter(index: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """out[index[j]] = x[j] (index is a permutation, so every entry is written).
+def _scatter(index: tf.Tensor, x: tf.Tensor, *after: tf.Tensor) -> tf.Tensor:
+    """out[index[j]] = x[j] (index is a permutation, so every entry is written), made once ``x``
+    (and ``after``) exist.
 
-    The buffer scattered into is made from ``x``'s arrival: a fresh zero buffer that depends
-    on nothing is a constant that XLA copies for each scatter and schedules at the start of the
-    program, where all of them would be alive at once.
+    The buffer scattered into is made at that point: a zero buffer that depends on nothing is
+    a constant that XLA copies for each scatter and schedules at the start of the program,
+    where all of them would be alive at once.
     """
-    return tf.tensor_scatter_nd_update(_after(tf.zeros_like(x), x), index[:, None], x)
+    return tf.tensor_scatter_nd_update(_after(tf.zeros_like(x), x, *after), index[:, None], x)
 
 
 class LayerwiseCore:
@@ -199,51 +206,40 @@ class LayerwiseCore:
         self.adam = isinstance(meta_optimizer, meta_optimizers.Adam)
         self.segments = plan.segments(network.num_layers)
         compile = functools.partial(tf.function, jit_compile=True, autograph=False)
-        self._checkpoints = compile(self._checkpoint_program)
         self._programs = [compile(functools.partial(self._segment_program, lo, hi)) for lo, hi in self.segments]
 
     # -- permutations ------------------------------------------------------------------------------
     def _permute(self, state: LayerState, i: int, x: tf.Tensor) -> tf.Tensor:
         """P_i x = x[p_i]."""
-        if state.inverses:
-            return _scatter(state.inverses[i], x)
-        return tf.gather(x, state.perms[i])
+        return _scatter(state.inverses[i], x)
 
-    def _permute_transposed(self, state: LayerState, i: int, u: tf.Tensor) -> tf.Tensor:
-        """P_iᵀ u: out[p_i[j]] = u[j]."""
-        return _scatter(state.perms[i], u)
+    def perm(self, state: LayerState, i: int, after: tf.Tensor) -> tf.Tensor:
+        """p_i (P_iᵀ u scatters u through it): kept, or rebuilt from p_i⁻¹ once ``after`` exists."""
+        if state.perms:
+            return state.perms[i].read_value()
+        inverse = state.inverses[i].read_value()
+        return _scatter(inverse, _after(tf.range(self.network.padded, dtype=inverse.dtype), after), after)
 
     def _pad(self, v: tf.Tensor) -> tf.Tensor:
         return tf.concat([v, tf.zeros([self.network.padded - self.network.n], v.dtype)], axis=0)
 
     # -- the programs --------------------------------------------------------------------------------
-    def _checkpoint_program(self, state_vars, grad):
-        """The two columns (m_t, g) entering every segment but the first, through the old blocks."""
-        state = self._template.unflatten(state_vars)
-        columns = [self._pad(state.momentum[0].read_value()), self._pad(grad)]
-        starts = [lo for lo, _ in self.segments[1:]]
-        out = []
-        for i in range(starts[-1]):
-            block = state.blocks[i].read_value()
-            columns = [_times(block, self._permute(state, i, c)) for c in columns]
-            if i + 1 in starts:
-                out.append(columns)
-        return out
-
-    def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, checkpoint, cotangent):
-        """Layers [lo, hi): recompute their inputs, then from layer hi−1 down to lo form the layer's
+    def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, cotangent):
+        """Layers [lo, hi): push (m_t, g) through the old blocks up to layer hi − 1, keeping the
+        inputs of layers lo … hi − 1; then from layer hi − 1 down to lo form each layer's
         hypergradient, step its φ_i (and moments) in place, and carry the cotangent down with
         the old blocks. Returns the cotangent at the segment's input; the first segment then
         also updates m and applies G(φ_{t+1}) m_{t+1} to the model's variables."""
         state = self._template.unflatten(state_vars)
         n = self.network.n
-        momentum = state.momentum[0].read_value() if lo == 0 else None
-        columns = [self._pad(momentum), self._pad(grad)] if lo == 0 else list(checkpoint)
+        momentum = state.momentum[0].read_value()
+        columns = [self._pad(momentum), self._pad(grad)]
         inputs, old = [], {}
-        for i in range(lo, hi):
+        for i in range(hi):
             old[i] = state.blocks[i].read_value()
             x = [self._permute(state, i, c) for c in columns]
-            inputs.append(x)
+            if i >= lo:
+                inputs.append(x)
             columns = [_times(old[i], c) for c in x]
         if hi == self.network.num_layers:
             cotangent = [columns[1], columns[0]]  # the m path's cotangent is A g̃, the g path's A m̃
@@ -253,9 +249,14 @@ class LayerwiseCore:
             c = [tf.reshape(t, [-1, k, 1]) for t in cotangent]
             p = [tf.reshape(t, [-1, 1, k]) for t in x]
             hyper = -alpha * (c[0] * p[0] + c[1] * p[1])  # Σ over the two paths of cotangent ⊗ input
+            # Every read of the old φ_i (the cotangent below, the recomputed layer above) must come
+            # before its overwrite; the scatters that follow those reads are the anchors.
             if i > 0:
-                cotangent = [self._permute_transposed(state, i, _times_transposed(old[i], t)) for t in cotangent]
-                hyper = _after(hyper, *cotangent)  # old φ_i's last reads come before its overwrite
+                perm = self.perm(state, i, cotangent[0])
+                cotangent = [_scatter(perm, _times_transposed(old[i], t)) for t in cotangent]
+                hyper = _after(hyper, *cotangent)
+            if i + 1 < hi:
+                hyper = _after(hyper, *inputs[i + 1 - lo])
             if self.adam:
                 meta_state = (count, (state.first[i].read_value(),), (state.second[i].read_value(),))
                 (block,), (_, (first,), (second,)) = self.meta.update((old[i],), (hyper,), meta_state)
@@ -278,7 +279,7 @@ class LayerwiseCore:
         for i in range(self.network.num_layers):
             y = _times(blocks[i], self._permute(state, i, y))
         for i in reversed(range(self.network.num_layers)):
-            y = self._permute_transposed(state, i, _times_transposed(blocks[i], y))
+            y = _scatter(self.perm(state, i, y), _times_transposed(blocks[i], y))
         step = alpha * y[:n]
         sizes = [int(np.prod(v.shape)) for v in model_vars]
         for var, piece in zip(model_vars, tf.split(step, sizes)):
@@ -292,18 +293,15 @@ class LayerwiseCore:
         alpha = tf.cast(alpha, self.dtype)
         state_vars = state.flatten()
         count = state.count[0].read_value() if self.adam else tf.zeros([], tf.int64)
-        checkpoints = self._checkpoints(state_vars, grad) if len(self.segments) > 1 else []
         cotangent = []  # the top segment starts it
-        for index in reversed(range(len(self.segments))):
-            checkpoint = checkpoints[index - 1] if index > 0 else []
-            cotangent = self._programs[index](state_vars, list(model_vars), grad, alpha, count, checkpoint,
-                                              cotangent)
+        for program in reversed(self._programs):
+            cotangent = program(state_vars, list(model_vars), grad, alpha, count, cotangent)
         if self.adam:
             state.count[0].assign_add(1)
 
     def compiled_memory(self, state: LayerState, model_vars) -> dict:
         """Bytes that XLA allocates for each program of a step beyond its arguments, from its buffer
-        assignment: ``{"checkpoints": …, "segment 0-4": …, …}``. Updated variables that were
+        assignment: ``{"segment 0-3": …, …}``. Updated variables that were
         not aliased to their input buffer would show up here as whole extra copies.
         """
         plain = lambda v: v if isinstance(v, tf.Variable) else v.value  # Keras variables hold a tf.Variable
@@ -313,11 +311,8 @@ class LayerwiseCore:
         alpha, count = tf.zeros([], self.dtype), tf.zeros([], tf.int64)
         pair = [tf.zeros([padded], self.dtype)] * 2
         out = {}
-        if len(self.segments) > 1:
-            out["checkpoints"] = _temp_bytes(self._checkpoints, state_vars, grad)
         for index, (lo, hi) in enumerate(self.segments):
-            args = (state_vars, list(model_vars), grad, alpha, count, pair if index > 0 else [],
-                    pair if index < len(self.segments) - 1 else [])
+            args = (state_vars, list(model_vars), grad, alpha, count, pair if index < len(self.segments) - 1 else [])
             out[f"segment {lo}-{hi - 1}"] = _temp_bytes(self._programs[index], *args)
         return out
 

@@ -1,0 +1,228 @@
+"""The Keras LODO's layerwise core against the functional reference, and its memory accounting.
+
+``lodo.algorithm.update`` (itself checked against dense matrices and finite
+differences in test_lodo.py) is the reference: the Keras optimizer must follow
+it step for step under every memory plan, for LODO and every ablation.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, algorithm, layerwise
+from lodo import meta_optimizers
+from lodo import preconditioner as bp
+
+ROOT = Path(__file__).resolve().parent.parent
+HP = dict(initial_lr=0.2, meta_lr=0.01, beta=0.6)
+
+
+def model(dtype):
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh", dtype=dtype),
+                             keras.layers.Dense(1, dtype=dtype)])  # 50 parameters
+
+
+def reference_parts(optimizer):
+    """The preconditioner, meta-optimizer and β that ``algorithm.update`` needs for ``optimizer``."""
+    return optimizer._make_preconditioner(), meta_optimizers.make(optimizer.meta_optimizer_name,
+                                                                  optimizer.meta_lr), optimizer.beta
+
+
+def trajectories(optimizer, dtype, steps):
+    """Yields (Keras LODO state, reference state, Keras weights, reference weights) after every step."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 5)).astype(dtype)
+    y = np.tanh(x @ rng.standard_normal((5, 1))).astype(dtype)
+    keras_model, manual = model(dtype), model(dtype)
+    preconditioner, meta, beta = reference_parts(optimizer)
+    variables = manual.trainable_variables
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    state = algorithm.init(sum(sizes), [optimizer.seed], preconditioner, meta, tf.as_dtype(dtype))
+
+    def gradients(m):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(m(x) - y))
+        return tape.gradient(loss, m.trainable_variables)
+
+    for _ in range(steps):
+        optimizer.apply_gradients(zip(gradients(keras_model), keras_model.trainable_variables))
+        flat = tf.concat([tf.reshape(g, [-1]) for g in gradients(manual)], 0)[None]
+        step, state = algorithm.update(state, flat, alpha=optimizer.learning_rate, beta=beta,
+                                       preconditioner=preconditioner, meta_optimizer=meta)
+        for v, piece in zip(variables, tf.split(step[0], sizes)):
+            v.assign_sub(tf.reshape(piece, v.shape))
+        yield optimizer.state(), state, keras_model.get_weights(), manual.get_weights()
+
+
+def assert_same(keras_state, reference, ours, theirs, rtol, atol):
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+    for a, b in zip(tf.nest.flatten(keras_state), tf.nest.flatten(reference)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+PLANS = {
+    "fast": "fast",  # one program per step, every layer's input kept, both permutation directions
+    "lean": "lean",  # √N-layer segments recomputed from checkpoints, one direction
+    "uneven": layerwise.Plan(segment=2, inverse=False),  # segments 0-1, 2-3, 4
+    "single": layerwise.Plan(segment=1, inverse=True),
+}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_keras_lodo_follows_the_functional_reference_in_float64(float64_keras, plan):
+    optimizer = LODO(**HP, num_layers=5, seed=4, plan=PLANS[plan])
+    for states in trajectories(optimizer, "float64", steps=6):
+        assert_same(*states, rtol=1e-12, atol=1e-14)
+    assert optimizer.layerwise and isinstance(optimizer.plan, layerwise.Plan)
+    moved = np.abs(states[0].weights[0] - algorithm.init(50, [4], optimizer._make_preconditioner())
+                   .weights[0].numpy()).max()
+    assert moved > 1e-4  # φ was trained, so the comparison covers the meta-steps
+
+
+def test_keras_lodo_follows_the_functional_reference_in_float32():
+    optimizer = LODO(**HP, num_layers=5, seed=4, plan="lean")
+    for states in trajectories(optimizer, "float32", steps=6):
+        assert_same(*states, rtol=2e-6, atol=1e-7)
+
+
+ABLATIONS = {
+    LODONoMomentum: dict(initial_lr=0.2, meta_lr=0.01, num_layers=3),
+    LODOSGD: dict(HP, meta_lr=0.05, num_layers=3),
+    LODODiagonal: HP,
+    LODOGlobal: HP,
+    LODOResiduals: dict(HP, num_layers=4),
+}
+
+
+@pytest.mark.parametrize("cls", list(ABLATIONS), ids=lambda c: c.__name__)
+def test_every_ablation_follows_the_functional_reference(float64_keras, cls):
+    optimizer = cls(**ABLATIONS[cls], seed=2, plan="lean")
+    # The block-permutation ablations run on the layerwise core; the others on algorithm.update itself.
+    assert optimizer.layerwise == (cls in (LODONoMomentum, LODOSGD))
+    for states in trajectories(optimizer, "float64", steps=5):
+        assert_same(*states, rtol=1e-12, atol=1e-14)
+
+
+def test_streamed_draws_are_the_reference_draws_in_any_chunk():
+    network = bp.BlockNetwork(37, num_layers=3, block_size=4)
+    perms, blocks = network.draw(np.random.default_rng([5, algorithm.RNG_STREAM]))
+    streamed = list(network.stream(np.random.default_rng([5, algorithm.RNG_STREAM]), np.float32, chunk=5))
+    assert [(kind, i) for kind, i, _ in streamed] == [("perm", i) for i in range(3)] + [("blocks", i) for i in range(3)]
+    for i in range(3):
+        np.testing.assert_array_equal(streamed[i][2], perms[i])
+        assert streamed[3 + i][2].dtype == np.float32  # built in the state dtype, never as a float64 layer
+        np.testing.assert_array_equal(streamed[3 + i][2], blocks[i].astype(np.float32))
+
+
+def test_built_state_is_the_reference_initial_state(float64_keras):
+    optimizer = LODO(num_layers=4, seed=6, plan="fast")
+    optimizer.build(model("float64").trainable_variables)
+    reference = algorithm.init(50, [6], algorithm.BlockPermutationPreconditioner(4), meta_optimizers.Adam(1e-3),
+                               tf.float64)
+    for a, b in zip(tf.nest.flatten(optimizer.state()), tf.nest.flatten(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="plan must be 'auto', 'fast', 'lean'"):
+        LODO(plan="small")
+
+
+@pytest.mark.parametrize("plan", ["fast", "lean"])
+def test_state_bytes_per_parameter(plan):
+    """φ and two Adam moments (N·ñ·k floats each), int32 permutations (one or both directions), m."""
+    n, num_layers, k = 1000, 16, 4
+    optimizer = LODO(num_layers=num_layers, block_size=k, plan=plan)
+    optimizer.build([keras.Variable(np.zeros(n, np.float32))])
+    padded = bp.padded_size(n, k)
+    directions = 2 if plan == "fast" else 1
+    expected = 3 * num_layers * padded * k * 4 + directions * num_layers * padded * 4 + n * 4 + 8
+    assert optimizer.state_bytes == expected
+    assert expected / n == pytest.approx(1536 + 128 * directions, rel=0.01)
+
+
+def test_plan_choice_switches_to_lean_for_big_models():
+    small, big = bp.BlockNetwork(94_696), bp.BlockNetwork(11_200_000)  # the PixelCNN and ResNet-18
+    assert layerwise.Plan.choose(small, 4) == layerwise.Plan(segment=16, inverse=True)
+    assert layerwise.Plan.choose(big, 4) == layerwise.Plan(segment=4, inverse=False)
+    assert layerwise.Plan(segment=4, inverse=False).segments(16) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert layerwise.Plan(segment=3, inverse=False).segments(7) == [(0, 3), (3, 6), (6, 7)]
+
+
+def compiled_hlo(optimizer, variables):
+    """Optimized HLO text of every program of a step."""
+    core, state = optimizer._core, optimizer._layer_state
+    plain = [v.value for v in state.flatten()]
+    grad, scalar, count = tf.zeros([core.network.n]), tf.zeros([]), tf.zeros([], tf.int64)
+    pair = [tf.zeros([core.network.padded])] * 2
+    return [program.experimental_get_compiler_ir(plain, [v.value for v in variables], grad, scalar, count,
+                                                 pair if index < len(core._programs) - 1 else [])(stage="optimized_hlo")
+            for index, program in enumerate(core._programs)]
+
+
+def test_lean_step_updates_in_place_and_holds_only_a_segment_of_activations():
+    """No copy of any layer's φ or moments is made, and each program's scratch memory is a few
+    vectors of length ñ: one segment's inputs, never the whole hypergradient (N·k vectors)."""
+    n, num_layers, k = 3000, 16, 4
+    variables = [keras.Variable(np.zeros(n, np.float32))]
+    optimizer = LODO(num_layers=num_layers, block_size=k, plan="lean")
+    optimizer.build(variables)
+    padded = bp.padded_size(n, k)
+    block_shape = rf"f32\[{padded // k},{k},{k}\]"
+    for text in compiled_hlo(optimizer, variables):
+        assert not re.search(block_shape + r"\{[0-9,]*\} copy\(", text)
+    memory = optimizer._core.compiled_memory(optimizer._layer_state, variables)
+    assert list(memory) == ["segment 0-3", "segment 4-7", "segment 8-11", "segment 12-15"]
+    vector = padded * 4
+    for name, size in memory.items():
+        assert size <= (2 * 4 + 14) * vector, (name, size / vector)  # 4 layers' inputs (2 columns) + scratch
+    assert max(memory.values()) < num_layers * k * vector / 2
+
+
+def test_mirrored_lean_lodo_matches_single_device_and_replicas_agree():
+    script = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from lodo import LODO
+
+        x = np.random.default_rng(0).standard_normal((64, 6)).astype("float32")
+        y = (x @ np.linspace(-1, 1, 6)[:, None]).astype("float32")
+
+        def make():
+            keras.utils.set_random_seed(1)
+            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+            model.compile(optimizer=LODO(initial_lr=0.05, meta_lr=0.01, beta=0.5, num_layers=5, seed=2, plan="lean"),
+                          loss="mse")
+            return model
+
+        single = make()
+        single.fit(x, y, batch_size=64, epochs=5, shuffle=False, verbose=0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            mirrored = make()
+        mirrored.fit(x, y, batch_size=64, epochs=5, shuffle=False, verbose=0)
+
+        moved = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), make().get_weights()))
+        gap = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), mirrored.get_weights()))
+        drift = max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max()
+                    for v in mirrored.optimizer.variables)
+        print(f"RESULT moved={moved} gap={gap} drift={drift} segments={len(mirrored.optimizer.plan.segments(5))}")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    values = dict(item.split("=") for item in next(l for l in out.stdout.splitlines()
+                                                   if l.startswith("RESULT")).split()[1:])
+    assert int(values["segments"]) == 3  # three programs per step
+    assert float(values["moved"]) > 1e-3
+    assert float(values["gap"]) < 1e-5  # float32 all-reduce vs single-device sum
+    assert float(values["drift"]) == 0.0  # every replica holds the same LODO state
