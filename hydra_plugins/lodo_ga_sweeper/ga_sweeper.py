@@ -191,8 +191,6 @@ class GASweeper(Sweeper):
 
     # ------------------------------------------------------------------ sweep
     def _sweep(self, arguments: List[str]) -> Any:
-        import numpy as np
-
         from lodo import genetic, outputs
         import tasks
 
@@ -225,6 +223,7 @@ class GASweeper(Sweeper):
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
         setup = json.loads(json.dumps({
             "task": task_name, "optimizer": optimizer_name, "arguments": list(arguments), "search_space": space,
             "center": center, "schedule": schedule.name, "population": population, "plan": plan,
@@ -232,7 +231,9 @@ class GASweeper(Sweeper):
             "one_job_per_individual": image, "job_overrides": self.job_overrides}))
         state_path = sweep_dir / STATE_FILE
         state = load_state(state_path, setup)
-        if state is not None:
+        if state is not None and len(state["generations"]) == len(plan):
+            self._log(sweep_dir, f"all {len(plan)} generations are done; writing the results again")
+        elif state is not None:
             self._log(sweep_dir, f"resuming at generation {len(state['generations'])}/{len(plan)}")
         else:
             mean = [genetic.clip_search(genetic.to_search(v, k), k) for v, k in zip(center, kinds)]
