@@ -190,6 +190,7 @@ def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_im
     assert folder == tmp_path / "gen_02"
     assert overrides[:4] == ["task=rosenbrock", "steps=1500", "log_every=150", "progress=false"]
     assert {"seed=1008", "num_seeds=2", "optimizer.learning_rate=[0.5,1e-05]", "optimizer.momentum=[0.9,0.0]",
+            "chunk_size=1500",
             "hydra.sweep.subdir=gen_02", f"hydra.sweep.dir='{tmp_path}'"} <= set(overrides)
     overrides, folder = sweeper._job(0, 1000, ["learning_rate", "momentum"], values, seeds, 1, 2, True, [], tmp_path)
     assert folder == tmp_path / "gen_00" / "ind_01"

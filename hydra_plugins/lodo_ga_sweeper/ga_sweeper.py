@@ -334,8 +334,10 @@ class GASweeper(Sweeper):
         else:
             part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
             subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"
-            settings = [f"optimizer.{k}=[{','.join(number(row[d]) for row in values[lo:hi])}]"
-                        for d, k in enumerate(keys)]
+            # One compiled chunk for the whole run: no host round trips in between, and no progress report
+            # while a runaway individual's loss passes through values that the runner cannot log.
+            settings = [f"chunk_size={steps}"] + [f"optimizer.{k}=[{','.join(number(row[d]) for row in values[lo:hi])}]"
+                                                  for d, k in enumerate(keys)]
         return [*common, *settings, f"hydra.sweep.subdir={subdir}"], sweep_dir / subdir
 
     def _scores(self, folder: Path, members, seeds, steps) -> dict:
