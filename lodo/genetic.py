@@ -117,13 +117,23 @@ def better_half_mean(z: np.ndarray, scores: Sequence[float]) -> np.ndarray:
     return z[keep].mean(axis=0)
 
 
-def window_score(ends: Sequence[int], losses: Sequence[float], total_steps: int, fraction: float) -> float:
+CURVE_TOLERANCE = 1e-8  # relative accuracy a curve row must have to be scored from
+
+
+def window_score(ends: Sequence[int], losses: Sequence[float], total_steps: int, fraction: float) -> float | None:
     """Mean training loss over the last ``fraction`` of ``total_steps`` from a learning curve.
 
     Row j holds the mean loss over steps (ends[j−1], ends[j]] (the runner's
     ``curve.csv``); the rows are weighted by their overlap with the window.
     A non-finite loss anywhere, or a curve that stops short of the window
     (a run that ended early), scores inf.
+
+    The runner computes a row as a difference of running sums, so after a
+    transient of huge losses (an individual that ran away to 1e27 and came
+    back) its later rows lose their digits, down to exactly 0. When the
+    rounding error that the running sum allows, ε·Σ|loss| up to the row,
+    exceeds ``CURVE_TOLERANCE`` of a window row, this returns None: the
+    caller must take the score from elsewhere.
     """
     ends = np.asarray(ends, dtype=np.int64)
     losses = np.asarray(losses, dtype=np.float64)
@@ -137,7 +147,12 @@ def window_score(ends: Sequence[int], losses: Sequence[float], total_steps: int,
     overlap = np.clip(np.minimum(ends, total_steps) - np.maximum(starts, start), 0, None)
     if overlap.sum() < width:
         return math.inf
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        running = np.cumsum(np.abs(losses) * (ends - starts))  # the running sum's magnitude at each row's end
+        error = 4 * np.finfo(np.float64).eps * running / (ends - starts)  # absolute error of each row's mean
+        used = overlap > 0
+        if not np.isfinite(running[used]).all() or (error[used] > CURVE_TOLERANCE * np.abs(losses[used])).any():
+            return None
         value = float((overlap * losses).sum() / width)
     return value if math.isfinite(value) else math.inf
 

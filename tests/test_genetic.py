@@ -256,3 +256,16 @@ def test_result_is_the_final_mean_with_learning_rates_halved_on_request(tmp_path
     assert yaml.safe_load(text) == pytest.approx({"initial_lr": 0.042295, "meta_lr": 7.946e-6, "beta": 0.9343})
     assert "initial_lr halved after tuning" in text and "better half 0.7, best 0.7" in text
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["tuned.yaml", "tuning.pdf", "tuning.png"]
+
+
+def test_curve_rows_that_lost_their_digits_after_a_transient_are_not_scored():
+    # The runner's rows are differences of running sums: after a transient of 1e27 the small losses vanish.
+    per_step = np.concatenate([np.full(100, 10.0), np.full(100, 1e27), np.full(800, 15.0)])
+    sums = np.concatenate([[0.0], np.cumsum(per_step)])
+    ends = np.arange(100, 1001, 100)
+    rows = (sums[ends] - sums[ends - 100]) / 100
+    assert rows[-1] == 0.0  # what curve.csv then holds
+    assert genetic.window_score(ends, rows, 1000, 0.1) is None
+    calm = np.concatenate([np.full(200, 10.0), np.full(800, 15.0)])
+    sums = np.concatenate([[0.0], np.cumsum(calm)])
+    assert genetic.window_score(ends, (sums[ends] - sums[ends - 100]) / 100, 1000, 0.1) == pytest.approx(15.0)

@@ -341,7 +341,13 @@ class GASweeper(Sweeper):
         return [*common, *settings, f"hydra.sweep.subdir={subdir}"], sweep_dir / subdir
 
     def _scores(self, folder: Path, members, seeds, steps) -> dict:
-        """Individual → score from the run's ``curve.csv`` (rows per seed); a missing curve scores worst."""
+        """Individual → score from the run's ``curve.csv`` (rows per seed); a missing curve scores worst.
+
+        Where the curve's rows are too inexact to score (``genetic.window_score``
+        returns None), the run's own figure from ``summary.json`` is used: an
+        exact mean over the task's report window (the bowl: the last 1% of the
+        steps; Rosenbrock: the last 10%, steps 180–200 at 200 steps).
+        """
         import pandas as pd
 
         from lodo import genetic
@@ -351,11 +357,18 @@ class GASweeper(Sweeper):
             log.warning(f"{path} is missing; its individuals score worst")
             return {}
         curve = pd.read_csv(path)
+        summary = _read_json(Path(folder) / "summary.json")
+        fallback = dict(zip(summary.get("seeds") or [], summary.get("loss_final_per_seed") or []))
         scores = {}
         for i in members:
             rows = curve[curve["seed"] == seeds[i]]
-            scores[i] = genetic.window_score(rows["step"].to_numpy(), rows["loss"].to_numpy(), steps,
-                                             self.score_window)
+            score = genetic.window_score(rows["step"].to_numpy(), rows["loss"].to_numpy(), steps, self.score_window)
+            if score is None:
+                exact = fallback.get(seeds[i])
+                score = math.inf if exact is None or not math.isfinite(exact) else float(exact)
+                log.info(f"seed {seeds[i]}: its curve.csv rows lost their precision after a transient of huge "
+                         f"losses; scored by summary.json's report window instead ({score:.6g})")
+            scores[i] = score
         return scores
 
     # ------------------------------------------------------------------ outputs
@@ -482,6 +495,13 @@ def load_state(path: Path, setup: dict) -> Optional[dict]:
         raise SweepError(f"{path} holds a GA sweep with other settings ({', '.join(differ)}); continue it with the "
                          f"same command, or give a new hydra.sweep.dir")
     return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _now() -> str:
