@@ -10,17 +10,21 @@ state (φ and its meta-Adam moments, ≈ 1.5 KB per parameter) dwarfs the model:
 - The hypergradient is never held whole. Going down the layers, layer i's hypergradient is
   formed, fed to the meta-optimizer together with m_i and v_i, and dropped; the cotangent that
   flows on to layer i − 1 is computed from layer i's old blocks, read before they are overwritten.
-- The layer inputs that the hypergradient needs are recomputed segment by segment from
-  checkpoints at segment starts (``Plan.segment`` layers per segment), instead of being kept
-  for all N layers.
+- The layers are processed in segments of ``Plan.segment`` layers, one XLA program each, from
+  the top segment down. A segment's program pushes (m_t, g) through the old blocks of every
+  layer below it again and keeps only its own layers' inputs, so a step holds the inputs of
+  one segment instead of all N layers, at the price of recomputing lower layers.
 - Permutations are applied as scatters: P x = x[p] scatters x through p⁻¹, and Pᵀu scatters u
   through p. XLA on CPU runs a scatter as a loop of its own, while it fuses a gather into the
   layers around it and then loads each gathered element once per use (about three times
   slower here). The lean plan keeps only p⁻¹ and rebuilds p by scattering 0, 1, …, ñ − 1
   through p⁻¹ where Pᵀ is needed (``Plan.inverse``).
-- Each segment is one XLA program (``jit_compile``), so a step costs one launch per segment
-  (plus one to produce the checkpoints) instead of hundreds of small kernels, and separate
-  programs keep XLA from merging a recomputation with the forward pass it repeats.
+
+An in-place update inside one XLA program is only free if every other read of the old value
+is ordered before the write; otherwise XLA copies the variable first. The programs therefore
+tie each overwrite to the results of those reads (``_after``), and build scratch buffers from
+data rather than as constants (see ``_scatter``). ``LayerwiseCore.compiled_memory`` reads the
+resulting scratch sizes from XLA's buffer assignment.
 
 ``Plan.choose`` keeps everything (one segment, both permutation directions) while that costs
 little memory, which is also the fastest layout, and switches to the lean one for big models.
@@ -29,7 +33,6 @@ little memory, which is also the fastest layout, and switches to the lean one fo
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +48,9 @@ FAST_LAYOUT_MAX_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class Plan:
-    """How a step trades memory for time: ``segment`` layers are recomputed together from one
-    checkpoint (``segment == num_layers``: nothing is recomputed), and ``inverse`` keeps p as well as
-    p⁻¹ (otherwise p is rebuilt from p⁻¹ in every step)."""
+    """How a step trades memory for time: one program per ``segment`` layers, which keeps those
+    layers' inputs (``segment == num_layers``: one program, nothing recomputed), and ``inverse``
+    keeps p as well as p⁻¹ (otherwise p is rebuilt from p⁻¹ where it is used)."""
 
     segment: int
     inverse: bool
@@ -62,8 +65,10 @@ class Plan:
 
     @staticmethod
     def lean(network: bp.BlockNetwork) -> "Plan":
-        # √N layers per segment minimises checkpoints + one segment's inputs (N/s + s vectors).
-        return Plan(segment=max(1, round(math.sqrt(network.num_layers))), inverse=False)
+        # A segment's program holds 2·segment + ~9 vectors of length ñ and the step pushes
+        # (m, g) through N(N/segment + 1)/2 layers: 2 is within ~2 vectors of the minimum
+        # (segment 1) at less than 60% of its recomputation.
+        return Plan(segment=min(2, network.num_layers), inverse=False)
 
     @staticmethod
     def choose(network: bp.BlockNetwork, itemsize: int, plan="auto") -> "Plan":
@@ -91,6 +96,7 @@ class LayerState:
 
     inverses: list  # N × [ñ] int32 p_i⁻¹, where P_i x = x[p_i]
     perms: list  # N × [ñ] int32 p_i, or [] when the plan does not keep them
+    iota: list  # [0, 1, …, ñ − 1] (int32) when p_i is rebuilt from p_i⁻¹, else []
     blocks: list  # N × [ñ/k, k, k]: φ
     first: list  # N × meta-Adam first moments of φ_i ([] for SGD)
     second: list  # N × meta-Adam second moments
@@ -98,12 +104,12 @@ class LayerState:
     momentum: list  # [m_t, [n]]
 
     def flatten(self) -> list:
-        return [*self.inverses, *self.perms, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
+        return [*self.inverses, *self.perms, *self.iota, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
 
     def unflatten(self, values) -> "LayerState":
         """The same structure over ``values`` (e.g. another device's copies, in ``flatten`` order)."""
         values, out = list(values), {}
-        for name in ("inverses", "perms", "blocks", "first", "second", "count", "momentum"):
+        for name in ("inverses", "perms", "iota", "blocks", "first", "second", "count", "momentum"):
             size = len(getattr(self, name))
             out[name], values = values[:size], values[size:]
         return LayerState(**out)
@@ -118,7 +124,7 @@ def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.ran
     copy of φ (or a float64 one).
     """
     np_dtype = tf.as_dtype(dtype).as_numpy_dtype
-    state = LayerState([], [], [], [], [], [], [])
+    state = LayerState([], [], [], [], [], [], [], [])
 
     def variable(value, name, kind=None):
         out = add_variable(shape=value.shape, initializer=lambda shape, dtype: value, dtype=kind or dtype, name=name)
@@ -145,6 +151,10 @@ def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.ran
     elif not isinstance(meta_optimizer, meta_optimizers.SGD):
         raise ValueError(f"the layerwise LODO core supports the adam and sgd meta-optimizers, got {meta_optimizer!r}")
     state.momentum.append(add_variable(shape=(network.n,), initializer="zeros", dtype=dtype, name="lodo_momentum"))
+    if not plan.inverse:
+        # A variable rather than tf.range: TensorFlow folds a range into a constant of the program,
+        # one copy per use, kept in the compiled executable (and several more while compiling).
+        state.iota.append(variable(np.arange(network.padded, dtype=np.int32), "lodo_iota", "int32"))
     return state
 
 
@@ -188,11 +198,12 @@ def _scatter(index: tf.Tensor, x: tf.Tensor, *after: tf.Tensor) -> tf.Tensor:
     """out[index[j]] = x[j] (index is a permutation, so every entry is written), made once ``x``
     (and ``after``) exist.
 
-    The buffer scattered into is made at that point: a zero buffer that depends on nothing is
-    a constant that XLA copies for each scatter and schedules at the start of the program,
-    where all of them would be alive at once.
+    The buffer scattered into (its values are all overwritten) is computed from ``x`` rather
+    than made as zeros: TensorFlow folds ``zeros_like`` into a constant while compiling (one
+    [ñ] tensor per scatter, gigabytes at ResNet scale), and XLA copies a constant buffer for
+    each scatter and schedules all the copies at the start of the program.
     """
-    return tf.tensor_scatter_nd_update(_after(tf.zeros_like(x), x, *after), index[:, None], x)
+    return tf.tensor_scatter_nd_update(_after(x * tf.zeros([], x.dtype), *after), index[:, None], x)
 
 
 class LayerwiseCore:
@@ -217,11 +228,10 @@ class LayerwiseCore:
         """p_i (P_iᵀ u scatters u through it): kept, or rebuilt from p_i⁻¹ once ``after`` exists."""
         if state.perms:
             return state.perms[i].read_value()
-        inverse = state.inverses[i].read_value()
-        return _scatter(inverse, _after(tf.range(self.network.padded, dtype=inverse.dtype), after), after)
+        return _scatter(state.inverses[i], _after(state.iota[0].read_value(), after), after)
 
     def _pad(self, v: tf.Tensor) -> tf.Tensor:
-        return tf.concat([v, tf.zeros([self.network.padded - self.network.n], v.dtype)], axis=0)
+        return tf.pad(v, [[0, self.network.padded - self.network.n]])  # no constant of zeros to fold
 
     # -- the programs --------------------------------------------------------------------------------
     def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, cotangent):
@@ -299,29 +309,32 @@ class LayerwiseCore:
         if self.adam:
             state.count[0].assign_add(1)
 
-    def compiled_memory(self, state: LayerState, model_vars) -> dict:
-        """Bytes that XLA allocates for each program of a step beyond its arguments, from its buffer
-        assignment: ``{"segment 0-3": …, …}``. Updated variables that were
-        not aliased to their input buffer would show up here as whole extra copies.
-        """
+    def compiled(self, state: LayerState, model_vars) -> dict:
+        """Each program of a step as XLA compiles it: ``{"segment 0-1": HloProto, …}`` (optimized HLO
+        and its buffer assignment), for memory accounting and tests."""
+        from tensorflow.compiler.xla.service import hlo_pb2
+
         plain = lambda v: v if isinstance(v, tf.Variable) else v.value  # Keras variables hold a tf.Variable
         state_vars, model_vars = [plain(v) for v in state.flatten()], [plain(v) for v in model_vars]
-        padded = self.network.padded
         grad = tf.zeros([self.network.n], self.dtype)
         alpha, count = tf.zeros([], self.dtype), tf.zeros([], tf.int64)
-        pair = [tf.zeros([padded], self.dtype)] * 2
+        pair = [tf.zeros([self.network.padded], self.dtype)] * 2
         out = {}
         for index, (lo, hi) in enumerate(self.segments):
-            args = (state_vars, list(model_vars), grad, alpha, count, pair if index < len(self.segments) - 1 else [])
-            out[f"segment {lo}-{hi - 1}"] = _temp_bytes(self._programs[index], *args)
+            args = (state_vars, model_vars, grad, alpha, count, pair if index < len(self.segments) - 1 else [])
+            serialized = self._programs[index].experimental_get_compiler_ir(*args)(
+                stage="optimized_hlo_proto_serialized")
+            out[f"segment {lo}-{hi - 1}"] = hlo_pb2.HloProto.FromString(serialized)
         return out
 
+    def compiled_memory(self, state: LayerState, model_vars) -> dict:
+        """Bytes that XLA allocates for each program of a step beyond its arguments (scratch, and
+        the cotangent it returns), from its buffer assignment: ``{"segment 0-1": …, …}``. An updated
+        variable that was not aliased to its input buffer would show up here as a whole copy."""
+        return {name: scratch_bytes(proto) for name, proto in self.compiled(state, model_vars).items()}
 
-def _temp_bytes(function, *args) -> int:
-    """Non-argument bytes in the buffer assignment of ``function`` compiled for ``args``."""
-    from tensorflow.compiler.xla.service import hlo_pb2
 
-    serialized = function.experimental_get_compiler_ir(*args)(stage="optimized_hlo_proto_serialized")
-    allocations = hlo_pb2.HloProto.FromString(serialized).buffer_assignment.buffer_allocations
-    return int(sum(a.size for a in allocations
+def scratch_bytes(proto) -> int:
+    """Bytes of the allocations in an ``HloProto``'s buffer assignment that are not arguments."""
+    return int(sum(a.size for a in proto.buffer_assignment.buffer_allocations
                    if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local)))

@@ -6,7 +6,6 @@ it step for step under every memory plan, for LODO and every ablation.
 """
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -72,8 +71,8 @@ def assert_same(keras_state, reference, ours, theirs, rtol, atol):
 
 PLANS = {
     "fast": "fast",  # one program per step, every layer's input kept, both permutation directions
-    "lean": "lean",  # √N-layer segments recomputed from checkpoints, one direction
-    "uneven": layerwise.Plan(segment=2, inverse=False),  # segments 0-1, 2-3, 4
+    "lean": "lean",  # segments 0-1, 2-3, 4, each recomputing the layers below it; p rebuilt from p⁻¹
+    "uneven": layerwise.Plan(segment=3, inverse=False),  # segments 0-2, 3-4
     "single": layerwise.Plan(segment=1, inverse=True),
 }
 
@@ -142,48 +141,37 @@ def test_state_bytes_per_parameter(plan):
     optimizer = LODO(num_layers=num_layers, block_size=k, plan=plan)
     optimizer.build([keras.Variable(np.zeros(n, np.float32))])
     padded = bp.padded_size(n, k)
-    directions = 2 if plan == "fast" else 1
-    expected = 3 * num_layers * padded * k * 4 + directions * num_layers * padded * 4 + n * 4 + 8
+    permutations = 2 * num_layers if plan == "fast" else num_layers + 1  # p and p⁻¹, or p⁻¹ and 0…ñ−1
+    expected = 3 * num_layers * padded * k * 4 + permutations * padded * 4 + n * 4 + 8
     assert optimizer.state_bytes == expected
-    assert expected / n == pytest.approx(1536 + 128 * directions, rel=0.01)
+    assert expected / n == pytest.approx(1536 + 8 * permutations, rel=0.01)
 
 
 def test_plan_choice_switches_to_lean_for_big_models():
     small, big = bp.BlockNetwork(94_696), bp.BlockNetwork(11_200_000)  # the PixelCNN and ResNet-18
     assert layerwise.Plan.choose(small, 4) == layerwise.Plan(segment=16, inverse=True)
-    assert layerwise.Plan.choose(big, 4) == layerwise.Plan(segment=4, inverse=False)
+    assert layerwise.Plan.choose(big, 4) == layerwise.Plan(segment=2, inverse=False)
     assert layerwise.Plan(segment=4, inverse=False).segments(16) == [(0, 4), (4, 8), (8, 12), (12, 16)]
     assert layerwise.Plan(segment=3, inverse=False).segments(7) == [(0, 3), (3, 6), (6, 7)]
-
-
-def compiled_hlo(optimizer, variables):
-    """Optimized HLO text of every program of a step."""
-    core, state = optimizer._core, optimizer._layer_state
-    plain = [v.value for v in state.flatten()]
-    grad, scalar, count = tf.zeros([core.network.n]), tf.zeros([]), tf.zeros([], tf.int64)
-    pair = [tf.zeros([core.network.padded])] * 2
-    return [program.experimental_get_compiler_ir(plain, [v.value for v in variables], grad, scalar, count,
-                                                 pair if index < len(core._programs) - 1 else [])(stage="optimized_hlo")
-            for index, program in enumerate(core._programs)]
 
 
 def test_lean_step_updates_in_place_and_holds_only_a_segment_of_activations():
     """No copy of any layer's φ or moments is made, and each program's scratch memory is a few
     vectors of length ñ: one segment's inputs, never the whole hypergradient (N·k vectors)."""
-    n, num_layers, k = 3000, 16, 4
+    n, num_layers, k = 3000, 8, 4
     variables = [keras.Variable(np.zeros(n, np.float32))]
     optimizer = LODO(num_layers=num_layers, block_size=k, plan="lean")
     optimizer.build(variables)
     padded = bp.padded_size(n, k)
-    block_shape = rf"f32\[{padded // k},{k},{k}\]"
-    for text in compiled_hlo(optimizer, variables):
-        assert not re.search(block_shape + r"\{[0-9,]*\} copy\(", text)
-    memory = optimizer._core.compiled_memory(optimizer._layer_state, variables)
-    assert list(memory) == ["segment 0-3", "segment 4-7", "segment 8-11", "segment 12-15"]
-    vector = padded * 4
-    for name, size in memory.items():
-        assert size <= (2 * 4 + 14) * vector, (name, size / vector)  # 4 layers' inputs (2 columns) + scratch
-    assert max(memory.values()) < num_layers * k * vector / 2
+    programs = optimizer._core.compiled(optimizer._layer_state, variables)
+    assert list(programs) == [f"segment {lo}-{lo + 1}" for lo in range(0, num_layers, 2)]
+    for name, proto in programs.items():
+        copies = [i for c in proto.hlo_module.computations for i in c.instructions if i.opcode == "copy"
+                  and list(i.shape.dimensions) == [padded // k, k, k]]
+        assert not copies, name  # φ_i, m_i and v_i are all updated in place
+        size = layerwise.scratch_bytes(proto) / (padded * 4)
+        assert size <= 2 * 2 + 12, (name, size)  # 2 layers' inputs (2 columns each) + scratch, in vectors
+        assert size < num_layers * k / 2  # the whole hypergradient alone would be N·k vectors
 
 
 def test_mirrored_lean_lodo_matches_single_device_and_replicas_agree():
