@@ -180,30 +180,43 @@ def _times_transposed(block: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
     return tf.reshape(out, [-1])
 
 
+def _pair_times(block: tf.Tensor, y: tf.Tensor, transposed: bool = False) -> tf.Tensor:
+    """``_times`` (or ``_times_transposed``) on both columns of a pair packed as a complex vector.
+
+    The m and g paths travel together as real and imaginary parts: one scatter moves both,
+    and the multiply reads each block once for both (packing and unpacking are exact).
+    """
+    times = _times_transposed if transposed else _times
+    return tf.complex(times(block, tf.math.real(y)), times(block, tf.math.imag(y)))
+
+
 def _after(x: tf.Tensor, *tensors: tf.Tensor) -> tf.Tensor:
-    """``x``, computed only once the float ``tensors`` are: adds 0·t[0] (XLA does not fold 0·t for floats).
+    """``x``, computed only once the float ``tensors`` are: adds 0·t[0] (XLA folds 0·t for integers,
+    not for floats).
 
     An in-place update of a variable must run after every other read of its old value; XLA
     copies the whole variable first unless the program's data flow puts those reads before
     the write. For finite values this changes nothing (x + 0 = x).
     """
-    ties = [tf.reshape(t, [-1])[0] for t in tensors if t.dtype.is_floating]
+    ties = [tf.math.real(tf.reshape(t, [-1])[0]) for t in tensors if t.dtype.is_floating or t.dtype.is_complex]
     if not ties:
         return x
     tie = tf.add_n([tf.cast(t, ties[0].dtype) for t in ties])
-    return x + tf.cast(tf.zeros([], tie.dtype) * tie, x.dtype)
+    zero = tf.zeros([], tie.dtype) * tie
+    return x + tf.cast(zero, x.dtype)
 
 
 def _scatter(index: tf.Tensor, x: tf.Tensor, *after: tf.Tensor) -> tf.Tensor:
     """out[index[j]] = x[j] (index is a permutation, so every entry is written), made once ``x``
     (and ``after``) exist.
 
-    The buffer scattered into (its values are all overwritten) is computed from ``x`` rather
-    than made as zeros: TensorFlow folds ``zeros_like`` into a constant while compiling (one
-    [ñ] tensor per scatter, gigabytes at ResNet scale), and XLA copies a constant buffer for
-    each scatter and schedules all the copies at the start of the program.
+    The buffer scattered into (its values are all overwritten) is filled with a zero computed
+    from ``x``: TensorFlow folds ``zeros_like`` into a constant while compiling (one [ñ] tensor
+    per scatter, gigabytes at ResNet scale), and XLA copies a constant buffer for each scatter
+    and schedules all the copies at the start of the program.
     """
-    return tf.tensor_scatter_nd_update(_after(x * tf.zeros([], x.dtype), *after), index[:, None], x)
+    zero = _after(tf.zeros([], x.dtype), x, *after)
+    return tf.tensor_scatter_nd_update(tf.fill(tf.shape(x), zero), index[:, None], x)
 
 
 class LayerwiseCore:
@@ -243,30 +256,29 @@ class LayerwiseCore:
         state = self._template.unflatten(state_vars)
         n = self.network.n
         momentum = state.momentum[0].read_value()
-        columns = [self._pad(momentum), self._pad(grad)]
+        pair = tf.complex(self._pad(momentum), self._pad(grad))  # the m path and the g path
         inputs, old = [], {}
         for i in range(hi):
             old[i] = state.blocks[i].read_value()
-            x = [self._permute(state, i, c) for c in columns]
+            x = self._permute(state, i, pair)
             if i >= lo:
                 inputs.append(x)
-            columns = [_times(old[i], c) for c in x]
+            pair = _pair_times(old[i], x)
         if hi == self.network.num_layers:
-            cotangent = [columns[1], columns[0]]  # the m path's cotangent is A g̃, the g path's A m̃
+            cotangent = tf.complex(tf.math.imag(pair), tf.math.real(pair))  # m path: A g̃, g path: A m̃
         new_blocks = {}
+        k = self.network.block_size
         for i in reversed(range(lo, hi)):
-            x, k = inputs[i - lo], self.network.block_size
-            c = [tf.reshape(t, [-1, k, 1]) for t in cotangent]
-            p = [tf.reshape(t, [-1, 1, k]) for t in x]
-            hyper = -alpha * (c[0] * p[0] + c[1] * p[1])  # Σ over the two paths of cotangent ⊗ input
+            c, p = tf.reshape(cotangent, [-1, k, 1]), tf.reshape(inputs[i - lo], [-1, 1, k])
+            # Σ over the two paths of cotangent ⊗ input
+            hyper = -alpha * (tf.math.real(c) * tf.math.real(p) + tf.math.imag(c) * tf.math.imag(p))
             # Every read of the old φ_i (the cotangent below, the recomputed layer above) must come
             # before its overwrite; the scatters that follow those reads are the anchors.
             if i > 0:
-                perm = self.perm(state, i, cotangent[0])
-                cotangent = [_scatter(perm, _times_transposed(old[i], t)) for t in cotangent]
-                hyper = _after(hyper, *cotangent)
+                cotangent = _scatter(self.perm(state, i, cotangent), _pair_times(old[i], cotangent, transposed=True))
+                hyper = _after(hyper, cotangent)
             if i + 1 < hi:
-                hyper = _after(hyper, *inputs[i + 1 - lo])
+                hyper = _after(hyper, inputs[i + 1 - lo])
             if self.adam:
                 meta_state = (count, (state.first[i].read_value(),), (state.second[i].read_value(),))
                 (block,), (_, (first,), (second,)) = self.meta.update((old[i],), (hyper,), meta_state)
@@ -281,7 +293,7 @@ class LayerwiseCore:
 
         # Steps 5 and 1 of Algorithm 1 with the new φ.
         beta = meta_optimizers.scalar(self.beta, self.dtype)
-        momentum = _after(beta * momentum + (1 - beta) * grad, inputs[0][0])  # after the read of m_t above
+        momentum = _after(beta * momentum + (1 - beta) * grad, inputs[0])  # after the read of m_t above
         state.momentum[0].assign(momentum)
         blocks = [new_blocks[i] if i in new_blocks else state.blocks[i].read_value()
                   for i in range(self.network.num_layers)]
@@ -294,7 +306,7 @@ class LayerwiseCore:
         sizes = [int(np.prod(v.shape)) for v in model_vars]
         for var, piece in zip(model_vars, tf.split(step, sizes)):
             var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
-        return []
+        return None
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, state: LayerState, grad: tf.Tensor, model_vars, alpha) -> None:
@@ -303,7 +315,7 @@ class LayerwiseCore:
         alpha = tf.cast(alpha, self.dtype)
         state_vars = state.flatten()
         count = state.count[0].read_value() if self.adam else tf.zeros([], tf.int64)
-        cotangent = []  # the top segment starts it
+        cotangent = None  # the top segment starts it
         for program in reversed(self._programs):
             cotangent = program(state_vars, list(model_vars), grad, alpha, count, cotangent)
         if self.adam:
@@ -318,10 +330,10 @@ class LayerwiseCore:
         state_vars, model_vars = [plain(v) for v in state.flatten()], [plain(v) for v in model_vars]
         grad = tf.zeros([self.network.n], self.dtype)
         alpha, count = tf.zeros([], self.dtype), tf.zeros([], tf.int64)
-        pair = [tf.zeros([self.network.padded], self.dtype)] * 2
+        pair = tf.zeros([self.network.padded], tf.complex(tf.zeros([], self.dtype), 0.0).dtype)
         out = {}
         for index, (lo, hi) in enumerate(self.segments):
-            args = (state_vars, model_vars, grad, alpha, count, pair if index < len(self.segments) - 1 else [])
+            args = (state_vars, model_vars, grad, alpha, count, pair if index < len(self.segments) - 1 else None)
             serialized = self._programs[index].experimental_get_compiler_ir(*args)(
                 stage="optimized_hlo_proto_serialized")
             out[f"segment {lo}-{hi - 1}"] = hlo_pb2.HloProto.FromString(serialized)
