@@ -64,6 +64,13 @@ bench-images: install  ## image-task step time per optimizer on CPU: PixelCNN at
 	$(RUN) scripts/bench_images.py --task resnet18_cifar10 --batch 8 --steps 3 --repeats 2 \
 	  --optimizers adam,momentum,rmsprop,yogi,lars
 
+# LODO's state is ~1.7 KB per parameter: on ResNet-18 the LODO run peaks near 22 GB (skipped if that much
+# is not free). On a shared machine: make bench-memory BENCH_MEMORY_ARGS="--n 1000000 2000000 --max-gb 5"
+BENCH_MEMORY_ARGS ?=
+.PHONY: bench-memory
+bench-memory: install  ## LODO vs Adam: state bytes/parameter, peak RSS, step time on ResNet-18 at batch 32 -> results/bench_memory.md
+	$(RUN) scripts/bench_memory.py $(BENCH_MEMORY_ARGS) --out results/bench_memory.md
+
 # Image tasks (SPEC §3.3-3.4, §5). The paper's scale needs GPUs and the real MNIST / CIFAR-10 (`make data`);
 # the *-cpu targets run the reduced scale (scale=cpu: 3,000 steps, 2 seeds, 100 test images) on real Fashion-MNIST
 # from its original files (Debian's dataset-fashion-mnist) and report into results/image_cpu/.
