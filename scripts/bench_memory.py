@@ -1,7 +1,8 @@
 """Memory of LODO against Adam: optimizer state per parameter, peak RSS, step time -> results/bench_memory.md.
 
-    python scripts/bench_memory.py                       # ResNet-18 at batch 32 (needs ~21 GB for LODO)
+    python scripts/bench_memory.py                       # ResNet-18 at batch 32 (LODO needs ~22 GB)
     python scripts/bench_memory.py --n 1000000 2000000   # synthetic linear models of about n parameters
+    python scripts/bench_memory.py --n 1000000 2000000 --resnet   # both
 
 Every (model, optimizer) pair runs in a fresh Python process, so that its peak
 resident set size (``ru_maxrss``) is its own. A run builds the model, then the
@@ -14,8 +15,9 @@ its step added), per trained parameter, and the median step time after the
 first. With several ``--n`` the per-parameter cost is fitted linearly and
 extrapolated to ResNet-18.
 
-A run that would not fit in the memory available now is refused (one line, with
-the estimate) instead of pushing a shared machine into swap or the OOM killer.
+A run that would not fit in the memory available now (or in ``--max-gb``) is
+skipped (it says so, with the estimate, on stderr and in the table) instead of
+pushing a shared machine into swap or the OOM killer.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def run_child(spec: dict) -> dict:
     }
     if spec["optimizer"] == "lodo":
         plan = optimizer.plan
-        result["plan"] = f"{plan.segment} layers/segment, {'both permutation directions' if plan.inverse else 'p⁻¹ only'}"
+        result["plan_used"] = (f"{plan.segment} layer(s) per segment, "
+                               f"{'p and p⁻¹ kept' if plan.inverse else 'p⁻¹ kept, p rebuilt in each step'}")
         result["scratch"] = optimizer._core.compiled_memory(optimizer._layer_state, variables)
     return result
 
@@ -164,11 +167,16 @@ def gb(x: float) -> str:
 def report(results: list[dict], args) -> str:
     rows = []
     for r in results:
+        if r.get("skipped"):
+            rows.append(f"| {r['model']} | {r['optimizer']} | {r['num_params']:,} | skipped: needs about "
+                        f"{gb(r['need'])} GB, {gb(r['free'])} GB were available | | | | | | |")
+            continue
         n = r["num_params"]
         added = r["peak_rss"] - r["rss_before_optimizer"]
         scratch = max(r["scratch"].values()) / n if r.get("scratch") else 0.0
         rows.append(f"| {r['model']} | {r['optimizer']} | {n:,} | {r['state_bytes'] / n:,.0f} | {scratch:,.0f} | "
-                    f"{gb(r['peak_rss'])} | {added / n:,.0f} | {r['step_s']:.2f} | {r['first_step_s']:.1f} |")
+                    f"{gb(r['rss_after_build'])} | {gb(r['peak_rss'])} | {added / n:,.0f} | {r['step_s']:.2f} | "
+                    f"{r['first_step_s']:.1f} |")
     lines = [
         "# Memory: LODO against Adam",
         "",
@@ -188,16 +196,17 @@ def report(results: list[dict], args) -> str:
         f"{gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} GB RAM, shared with other jobs "
         "(step times are slower than on an idle machine).",
         "",
-        "| model | optimizer | parameters | state B/param | scratch B/param | peak RSS GB | added B/param "
-        "| step s | first step s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | parameters | state B/param | scratch B/param | RSS after build GB | peak RSS GB "
+        "| added B/param | step s | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
-    plans = {r["plan"] for r in results if r.get("plan")}
+    plans = {r["plan_used"] for r in results if r.get("plan_used")}
     if plans:
-        lines += [f"LODO plan: {', '.join(sorted(plans))}.", ""]
-    lodo = sorted((r for r in results if r["optimizer"] == "lodo" and r["model"] == "linear"),
+        lines += [f"LODO's memory plan (`--plan {args.plan}`): {'; '.join(sorted(plans))}.", ""]
+    lodo = sorted((r for r in results if r["optimizer"] == "lodo" and r["model"] == "linear"
+                   and not r.get("skipped")),
                   key=lambda r: r["num_params"])
     if len(lodo) >= 2:
         a, b = lodo[0], lodo[-1]
@@ -214,6 +223,10 @@ def report(results: list[dict], args) -> str:
             "overheads.",
             "",
         ]
+        measured = [r for r in results if r["model"] == "resnet18" and r["optimizer"] == "lodo"
+                    and not r.get("skipped")]
+        if measured:
+            lines += [f"Measured above on ResNet-18: {gb(measured[0]['peak_rss'])} GB.", ""]
     return "\n".join(lines)
 
 
@@ -221,6 +234,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", help="synthetic linear models of about these sizes "
                         "instead of ResNet-18")
+    parser.add_argument("--resnet", action="store_true", help="with --n, also run ResNet-18")
+    parser.add_argument("--max-gb", type=float, help="skip runs estimated to need more than this many GB "
+                        "(on a shared machine; by default only the memory available now limits them)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first compiles)")
     parser.add_argument("--optimizers", default="lodo,adam")
@@ -241,21 +257,26 @@ def main(argv=None) -> int:
         parser.error(f"unknown optimizer(s) {', '.join(unknown)}; choose from lodo, adam")
 
     base = dict(batch=args.batch, steps=args.steps, plan=args.plan)
-    specs = ([dict(base, model="linear", n=n, optimizer=o) for n in args.n for o in names] if args.n
-             else [dict(base, model="resnet18", n=None, optimizer=o) for o in names])
+    specs = [dict(base, model="linear", n=n, optimizer=o) for n in args.n or [] for o in names]
+    if not args.n or args.resnet:
+        specs += [dict(base, model="resnet18", n=None, optimizer=o) for o in names]
     results = []
     for spec in specs:
         need, free = estimate(spec), available_bytes()
+        if args.max_gb is not None:
+            free = min(free, args.max_gb * 1e9) if free else args.max_gb * 1e9
         if free and need > free:
-            print(f"skipped {spec['model']} {spec['optimizer']} n={spec['n']}: needs about {gb(need)} GB, "
-                  f"{gb(free)} GB available now; run it on a machine with more free memory", file=sys.stderr)
+            print(f"skipped {spec['model']} {spec['optimizer']}: needs about {gb(need)} GB, {gb(free)} GB "
+                  "available now; run it on a machine with more free memory", file=sys.stderr)
+            results.append(dict(spec, skipped=True, need=need, free=free,
+                                num_params=RESNET18_PARAMS if spec["model"] == "resnet18" else spec["n"]))
             continue
         result = launch(spec)
         results.append(result)
         print(f"{result['model']} {result['optimizer']} n={result['num_params']:,}: peak RSS "
               f"{gb(result['peak_rss'])} GB, state {result['state_bytes'] / result['num_params']:,.0f} B/param, "
               f"step {result['step_s']:.2f} s", file=sys.stderr)
-    if not results:
+    if all(r.get("skipped") for r in results):
         print("nothing ran", file=sys.stderr)
         return 1
     sys.path.insert(0, str(ROOT))
