@@ -9,7 +9,9 @@ shapes), so input loading is not timed. Adam and LODO each get their own copy of
 the model and take turns, ``--steps`` steps at a time for ``--rounds`` rounds, so
 that a machine shared with other jobs slows both alike; the table gives the median
 and the fastest round of each, and the ratio of the medians. The optimizer alone
-(``apply_gradients`` on a fixed gradient) is timed the same way.
+(``apply_gradients`` on a fixed gradient) is timed the same way. With
+``--reference``, LODO through ``lodo.algorithm.update`` itself (the functional
+reference, not compiled: the Keras path of the ablations) is timed too.
 """
 
 from __future__ import annotations
@@ -48,10 +50,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+class ReferenceLODO(LODO):
+    """LODO on the functional reference path (``lodo.algorithm.update`` per step) instead of the layerwise core."""
+
+    layerwise = property(lambda self: False)
+
+
 def make_optimizer(name: str, plan: str):
     if name == "adam":
         return keras.optimizers.Adam(1e-3)
-    return LODO(**LODO_HP, seed=0, plan=plan)
+    cls = ReferenceLODO if name == "lodo_reference" else LODO
+    return cls(**LODO_HP, seed=0, plan=plan)
 
 
 class Contestant:
@@ -97,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per optimizer per round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--plan", default="auto", help="LODO's memory plan: auto, fast or lean")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time LODO on the functional reference path (lodo.algorithm.update)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_step.md")
     args = parser.parse_args(argv)
     for name in ("batch", "steps", "rounds"):
@@ -106,7 +117,8 @@ def main(argv=None) -> int:
     task = tasks.build(args.task, data={"source": "synthetic"}, batch_size=args.batch)
     batch = task.train_batch(0, tf.constant(0, tf.int64))
     load_before = os.getloadavg()
-    contestants = [Contestant(name, task, batch, args.plan) for name in ("adam", "lodo")]
+    names = ["adam", "lodo"] + (["lodo_reference"] if args.reference else [])
+    contestants = [Contestant(name, task, batch, args.plan) for name in names]
     for c in contestants:  # compile, and one step each to settle allocations
         c.run("train", 2)
         c.run("optimizer", 2)
@@ -117,7 +129,7 @@ def main(argv=None) -> int:
                 c.run(kind, args.steps)
     load_after = os.getloadavg()
 
-    adam, lodo = contestants
+    adam, lodo = contestants[:2]
     num_params = int(sum(np.prod(v.shape) for v in adam.model.trainable_variables))
     med = {(c.name, k): statistics.median(c.times[k]) * 1e3 for c in contestants for k in c.times}
     best = {(c.name, k): min(c.times[k]) * 1e3 for c in contestants for k in c.times}
@@ -128,8 +140,10 @@ def main(argv=None) -> int:
         f"| {kind} | {med[('adam', kind)]:.1f} ({best[('adam', kind)]:.1f}) | "
         f"{med[('lodo', kind)]:.1f} ({best[('lodo', kind)]:.1f}) | "
         f"{med[('lodo', kind)] / med[('adam', kind)]:.2f} |"
+        + (f" {med[('lodo_reference', kind)]:.1f} ({best[('lodo_reference', kind)]:.1f}) |" if args.reference else "")
         for kind in ("train", "optimizer")
     ]
+    busy = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     text = "\n".join([
         "# LODO step time against Adam",
         "",
@@ -138,15 +152,16 @@ def main(argv=None) -> int:
         "take turns on their own copies of the model, on one fixed synthetic batch.",
         "",
         f"Task `{args.task}`, {num_params:,} parameters, batch {args.batch}. LODO: N = {lodo.optimizer.num_layers}, "
-        f"k = {lodo.optimizer.block_size}, plan: {plan.segment} layer(s) per recompute segment, "
-        f"inverse permutations {'kept' if plan.inverse else 'not kept'}.",
+        f"k = {lodo.optimizer.block_size}, memory plan: {plan.segment} layer(s) per compiled program, "
+        f"{'p and p⁻¹ kept' if plan.inverse else 'p⁻¹ kept, p rebuilt in each step'}.",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}. Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after: "
-        "above the CPU count, other jobs shared the machine and every number is slower than on an idle one.",
+        f"Keras {keras.__version__}. Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        + (": above the CPU count, so other jobs shared the machine and every number is slower than on an idle one."
+           if busy else "."),
         "",
-        "| step | Adam ms | LODO ms | LODO / Adam |",
-        "|---|---|---|---|",
+        "| step | Adam ms | LODO ms | LODO / Adam |" + (" LODO via `algorithm.update` ms |" if args.reference else ""),
+        "|---|---|---|---|" + ("---|" if args.reference else ""),
         *rows,
         "",
         f"Full training step, LODO / Adam: **{ratio:.2f}x**. LODO's optimizer costs {overhead:.1f} ms per step "
