@@ -247,7 +247,7 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
     if cfg.checkpoint.resume:
         metadata = checkpoint.restore()
         if metadata is not None:
-            record = SeedRecord.from_json(metadata["record"])
+            record = SeedRecord.from_json({**metadata["record"], "losses": metadata["losses"].tolist()})
             print(f"seed {seed}: resumed from step {record.steps_done}", flush=True)
     writer = tf.summary.create_file_writer(str(out_dir / "tb" / f"seed_{seed}"))
     bar = tqdm(total=steps, initial=min(record.steps_done, steps), unit="step", dynamic_ncols=True,
@@ -255,7 +255,10 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
                mininterval=0.5 if sys.stderr.isatty() else 30)
 
     def save():
-        checkpoint.save(record.steps_done, {"record": record.to_json()})
+        # The per-step losses go to the checkpoint's .npz: as JSON a long run's list costs seconds per save.
+        host = record.to_json()
+        losses = np.asarray(host.pop("losses"), dtype=np.float32)
+        checkpoint.save(record.steps_done, {"record": host, "losses": losses})
 
     def finished() -> bool:
         if record.diverged_at is not None:
