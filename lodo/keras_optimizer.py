@@ -139,15 +139,12 @@ class LODO(keras.optimizers.Optimizer):
         if not self.layerwise:
             return tf.nest.pack_sequence_as(self._treedef, [v.value for v in self._state_variables])
         layers = self._layer_state
-        inverses = tf.stack([tf.convert_to_tensor(q.value) for q in layers.inverses])[None]
+        value = lambda v: tf.convert_to_tensor(v.value)
+        seed_axis = lambda vs: tuple(value(v)[None] for v in vs)
+        inverses = tf.stack([value(q) for q in layers.inverses])[None]
         perms = tf.stack([tf.math.invert_permutation(q) for q in tf.unstack(inverses[0])])[None]
-        weights = tuple(tf.convert_to_tensor(b.value)[None] for b in layers.blocks)
-        meta = ()
-        if layers.count:
-            meta = (tf.convert_to_tensor(layers.count[0].value), tuple(tf.convert_to_tensor(m.value)[None] for m in layers.first),
-                    tuple(tf.convert_to_tensor(v.value)[None] for v in layers.second))
-        return algorithm.LODOState(weights, (perms, inverses), tf.convert_to_tensor(layers.momentum[0].value)[None],
-                                   meta)
+        meta = (value(layers.count[0]), seed_axis(layers.first), seed_axis(layers.second)) if layers.count else ()
+        return algorithm.LODOState(seed_axis(layers.blocks), (perms, inverses), value(layers.momentum[0])[None], meta)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         pairs = self._all_reduce_sum_gradients(list(zip(grads, map(_tf_variable, trainable_variables))))

@@ -103,13 +103,15 @@ class LayerState:
     count: list  # [meta-Adam step count] ([] for SGD)
     momentum: list  # [m_t, [n]]
 
+    FIELDS = ("inverses", "perms", "iota", "blocks", "first", "second", "count", "momentum")
+
     def flatten(self) -> list:
-        return [*self.inverses, *self.perms, *self.iota, *self.blocks, *self.first, *self.second, *self.count, *self.momentum]
+        return [v for name in self.FIELDS for v in getattr(self, name)]
 
     def unflatten(self, values) -> "LayerState":
         """The same structure over ``values`` (e.g. another device's copies, in ``flatten`` order)."""
         values, out = list(values), {}
-        for name in ("inverses", "perms", "iota", "blocks", "first", "second", "count", "momentum"):
+        for name in self.FIELDS:
             size = len(getattr(self, name))
             out[name], values = values[:size], values[size:]
         return LayerState(**out)
@@ -127,8 +129,7 @@ def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.ran
     state = LayerState([], [], [], [], [], [], [], [])
 
     def variable(value, name, kind=None):
-        out = add_variable(shape=value.shape, initializer=lambda shape, dtype: value, dtype=kind or dtype, name=name)
-        return out
+        return add_variable(shape=value.shape, initializer=lambda shape, dtype: value, dtype=kind or dtype, name=name)
 
     for kind, i, value in network.stream(rng, np_dtype):
         if kind == "perm":
@@ -237,7 +238,7 @@ class LayerwiseCore:
         """P_i x = x[p_i]."""
         return _scatter(state.inverses[i], x)
 
-    def perm(self, state: LayerState, i: int, after: tf.Tensor) -> tf.Tensor:
+    def _perm(self, state: LayerState, i: int, after: tf.Tensor) -> tf.Tensor:
         """p_i (P_iᵀ u scatters u through it): kept, or rebuilt from p_i⁻¹ once ``after`` exists."""
         if state.perms:
             return state.perms[i].read_value()
@@ -275,7 +276,7 @@ class LayerwiseCore:
             # Every read of the old φ_i (the cotangent below, the recomputed layer above) must come
             # before its overwrite; the scatters that follow those reads are the anchors.
             if i > 0:
-                cotangent = _scatter(self.perm(state, i, cotangent), _pair_times(old[i], cotangent, transposed=True))
+                cotangent = _scatter(self._perm(state, i, cotangent), _pair_times(old[i], cotangent, transposed=True))
                 hyper = _after(hyper, cotangent)
             if i + 1 < hi:
                 hyper = _after(hyper, inputs[i + 1 - lo])
@@ -301,7 +302,7 @@ class LayerwiseCore:
         for i in range(self.network.num_layers):
             y = _times(blocks[i], self._permute(state, i, y))
         for i in reversed(range(self.network.num_layers)):
-            y = _scatter(self.perm(state, i, y), _times_transposed(blocks[i], y))
+            y = _scatter(self._perm(state, i, y), _times_transposed(blocks[i], y))
         step = alpha * y[:n]
         sizes = [int(np.prod(v.shape)) for v in model_vars]
         for var, piece in zip(model_vars, tf.split(step, sizes)):
@@ -310,7 +311,8 @@ class LayerwiseCore:
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, state: LayerState, grad: tf.Tensor, model_vars, alpha) -> None:
-        """θ ← θ − G(φ_{t+1}) m_{t+1} on ``model_vars`` after the meta-step of φ, given g = ∇L(θ) (flat ``[n]``)."""
+        """θ ← θ − G(φ_{t+1}) m_{t+1} on ``model_vars`` after the meta-step of φ, given the flat
+        gradient g = ∇L(θ) (``[n]``)."""
         grad = tf.cast(grad, self.dtype)
         alpha = tf.cast(alpha, self.dtype)
         state_vars = state.flatten()

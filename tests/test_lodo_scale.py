@@ -112,6 +112,47 @@ def test_every_ablation_follows_the_functional_reference(float64_keras, cls):
         assert_same(*states, rtol=1e-12, atol=1e-14)
 
 
+def test_layers_are_updated_top_down_one_segment_at_a_time(float64_keras):
+    """Run one step program by program: each program sets exactly its own layers' φ (and moments)
+    to the reference φ_{t+1}, top segment first, while the layers below (and m, θ) still hold
+    their old values, which the cotangent handed down must have been computed with."""
+    n = 40
+    theta = keras.Variable(np.zeros(n))
+    optimizer = LODO(**HP, num_layers=5, seed=1, plan=layerwise.Plan(segment=2, inverse=False))
+    optimizer.build([theta])
+    preconditioner, meta, beta = reference_parts(optimizer)
+    state = algorithm.init(n, [1], preconditioner, meta, tf.float64)
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(n) for _ in range(2)]
+    optimizer.apply_gradients([(tf.constant(grads[0]), theta)])  # m_1 ≠ 0, so the hypergradient is not 0
+    step, state = algorithm.update(state, grads[0][None], alpha=HP["initial_lr"], beta=beta,
+                                   preconditioner=preconditioner, meta_optimizer=meta)
+    second, expected = algorithm.update(state, grads[1][None], alpha=HP["initial_lr"], beta=beta,
+                                        preconditioner=preconditioner, meta_optimizer=meta)
+
+    core, layers = optimizer._core, optimizer._layer_state
+    before = optimizer.state()
+    # Every layer moves in this step, so "updated" and "not yet updated" are told apart.
+    assert min(np.abs(a - b).max() for a, b in zip(expected.weights, before.weights)) > 1e-4
+    plain = [v.value for v in layers.flatten()]
+    count = layers.count[0].value.read_value()
+    cotangent, done = None, set()
+    assert core.segments == [(0, 2), (2, 4), (4, 5)]
+    for index in reversed(range(len(core.segments))):
+        cotangent = core._programs[index](plain, [theta.value], tf.constant(grads[1]), tf.constant(HP["initial_lr"],
+                                          tf.float64), count, cotangent)
+        done |= set(range(*core.segments[index]))
+        now = optimizer.state()
+        for i in range(5):
+            target = expected if i in done else before
+            np.testing.assert_allclose(now.weights[i], target.weights[i], rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(now.meta[1][i], target.meta[1][i], rtol=1e-12, atol=1e-15)
+        if index > 0:
+            np.testing.assert_array_equal(now.momentum, before.momentum)
+    np.testing.assert_allclose(optimizer.state().momentum, expected.momentum, rtol=1e-12)
+    np.testing.assert_allclose(theta.numpy(), -(step[0] + second[0]).numpy(), rtol=1e-12)  # θ_0 = 0
+
+
 def test_streamed_draws_are_the_reference_draws_in_any_chunk():
     network = bp.BlockNetwork(37, num_layers=3, block_size=4)
     perms, blocks = network.draw(np.random.default_rng([5, algorithm.RNG_STREAM]))
