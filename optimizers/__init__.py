@@ -53,7 +53,13 @@ def factory(name: str):
 
 
 def build(name: str, **hparams) -> EngineOptimizer:
-    """The engine optimizer ``name`` with the given hyperparameters, or a one-line ValueError."""
+    """The engine optimizer ``name`` with the given hyperparameters, or a one-line ValueError.
+
+    A ``tune`` entry (an optimizer config's search space for the genetic
+    tuner) is not a hyperparameter and is left out, so a config group can be
+    passed whole.
+    """
+    hparams.pop("tune", None)
     make = factory(name)
     accepted = inspect.signature(make).parameters
     unknown = sorted(set(hparams) - set(accepted))
