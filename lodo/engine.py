@@ -31,8 +31,30 @@ from optimizers.base import EngineOptimizer, Oracle
 from tasks.base import SmallTask
 
 
+class ChunkClock:
+    """Steps and training time read off ``chunk_ends``, the (steps_done, train_time_s) after each chunk.
+
+    Shared by the small-task ``Trace`` and the image trainer's per-seed record.
+    """
+
+    chunk_ends: list
+
+    @property
+    def steps_done(self) -> int:
+        return self.chunk_ends[-1][0] if self.chunk_ends else 0
+
+    @property
+    def train_time_s(self) -> float:
+        return self.chunk_ends[-1][1] if self.chunk_ends else 0.0
+
+    def time_at_step(self, steps: np.ndarray) -> np.ndarray:
+        """Training time after ``steps`` steps, linear within a chunk (its steps cost the same)."""
+        ends = np.array([(0, 0.0)] + [tuple(e) for e in self.chunk_ends], dtype=np.float64)
+        return np.interp(steps, ends[:, 0], ends[:, 1])
+
+
 @dataclass
-class Trace:
+class Trace(ChunkClock):
     """Everything a run measured, on the host."""
 
     seeds: tuple
@@ -43,21 +65,8 @@ class Trace:
     params: list = field(default_factory=list)  # with record_params, per chunk: [k, S, n] params before each step
     final_params: np.ndarray | None = None  # with record_params: [S, n] after the last step
 
-    @property
-    def steps_done(self) -> int:
-        return self.chunk_ends[-1][0] if self.chunk_ends else 0
-
-    @property
-    def train_time_s(self) -> float:
-        return self.chunk_ends[-1][1] if self.chunk_ends else 0.0
-
     def loss_matrix(self) -> np.ndarray:
         return np.concatenate(self.losses) if self.losses else np.zeros((0, len(self.seeds)))
-
-    def time_at_step(self, steps: np.ndarray) -> np.ndarray:
-        """Training time after ``steps`` steps, linear within a chunk (its steps cost the same)."""
-        ends = np.array([(0, 0.0)] + self.chunk_ends)
-        return np.interp(steps, ends[:, 0], ends[:, 1])
 
     def trajectory(self) -> np.ndarray:
         """``[steps_done + 1, S, n]``: row t holds θ_t, the point where step t's loss was measured."""

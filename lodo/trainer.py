@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lodo.engine import ChunkClock
+
 FIRST_CHUNK = 2  # the first call compiles; keep it short so compilation is not mistaken for training time
 MAX_CHUNK = 100  # steps per compiled call at most: bounds the time-milestone and SIGTERM latency
 
 
 @dataclass
-class SeedRecord:
+class SeedRecord(ChunkClock):
     """Everything measured for one seed, on the host; also the checkpoint's metadata."""
 
     seed: int
@@ -41,14 +43,6 @@ class SeedRecord:
     milestones: dict = field(default_factory=dict)  # "steps" / "time" -> metrics
     diverged_at: int | None = None
     compile_time_s: float = 0.0
-
-    @property
-    def steps_done(self) -> int:
-        return self.chunk_ends[-1][0] if self.chunk_ends else 0
-
-    @property
-    def train_time_s(self) -> float:
-        return self.chunk_ends[-1][1] if self.chunk_ends else 0.0
 
     def window_loss(self, steps: int) -> tuple[float, list]:
         """Mean training loss over the last 1% of ``steps`` steps (SPEC §5) and that window."""
@@ -322,9 +316,8 @@ def learning_curve(records: list[SeedRecord], log_every: int):
     rows = []
     for r in records:
         losses = np.asarray(r.losses, dtype=np.float64)
-        ends = np.array([[0, 0.0]] + r.chunk_ends, dtype=np.float64)
         for stop in range(log_every, len(losses) + 1, log_every):
-            rows.append({"seed": r.seed, "step": stop, "train_time_s": float(np.interp(stop, ends[:, 0], ends[:, 1])),
+            rows.append({"seed": r.seed, "step": stop, "train_time_s": float(r.time_at_step(stop)),
                          "loss": float(losses[stop - log_every:stop].mean())})
     return pd.DataFrame(rows, columns=["seed", "step", "train_time_s", "loss"])
 
@@ -448,7 +441,6 @@ def run_image_task(cfg: DictConfig, out_dir: Path) -> dict:
                                   for p in task.artifacts(trainer.model, out_dir, seed)]
         outputs.write_json(done_file, {"record": record.to_json(), "extra": extra})
         records.append(record)
-        outputs.write_csv(out_dir / "curve.csv", learning_curve(records, log_every))
     import pandas as pd
 
     outputs.write_csv(out_dir / "curve.csv", learning_curve(records, log_every))

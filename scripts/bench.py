@@ -24,6 +24,7 @@ import tensorflow as tf  # noqa: E402
 import optimizers  # noqa: E402
 import tasks  # noqa: E402
 from lodo.engine import Engine  # noqa: E402
+from lodo import provenance  # noqa: E402
 from lodo.outputs import atomic_write_text  # noqa: E402
 from lodo.run import options  # noqa: E402
 
@@ -45,16 +46,6 @@ def throughput(name: str, steps: int, seeds: int, repeats: int) -> float:
         trace = engine.run(steps)
         rates.append(seeds * trace.steps_done / trace.train_time_s)
     return statistics.median(rates)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -82,7 +73,7 @@ def main(argv=None) -> int:
         "compilation and metric evaluation excluded; median of "
         f"{args.repeats} runs of {args.steps:,} steps.",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
+        f"Machine: {provenance.cpu_model()}, {os.cpu_count()} logical CPUs, "
         f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}; "
         f"TensorFlow {tf.__version__}, Python {platform.python_version()}.",
         "",

@@ -13,7 +13,7 @@ and expresses it as a fraction of the default checkpoint interval.
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lodo import provenance  # noqa: E402
 
 TABLE2 = ["adam", "momentum", "rmsprop", "yogi", "lars", "lodo", "lodo_diagonal", "lodo_global", "lodo_residuals",
           "lodo_no_momentum", "lodo_sgd"]
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         rows.append({k: v for k, v in result.items() if k not in ("trainer", "cfg")})
     adam = next((r["ms_per_step"] for r in rows if r["optimizer"] == "adam"), None)
     lines = [f"# Image-task step time: {args.task}, batch {batch}, CPU\n",
-             f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores; "
+             f"{provenance.cpu_model()}, {len(os.sched_getaffinity(0))} cores; "
              f"median of {args.repeats} chunks of {steps} steps after a compiling warm-up; synthetic data of the "
              f"task's shapes; {rows[0]['num_params']:,} trainable parameters.\n",
              "| optimizer | ms/step | steps/s | × Adam | optimizer state bytes/param |", "|---|---|---|---|---|"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -165,6 +164,8 @@ def gb(x: float) -> str:
 
 
 def report(results: list[dict], args) -> str:
+    from lodo.provenance import cpu_model  # main() put the repository on sys.path
+
     rows = []
     for r in results:
         if r.get("skipped"):
@@ -192,7 +193,7 @@ def report(results: list[dict], args) -> str:
         "- *peak RSS*: `ru_maxrss` of the process; *added*: peak RSS minus the RSS before the optimizer "
         "was built, per parameter (state, scratch, the step's gradients and TensorFlow's own buffers).",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
         f"{gb(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} GB RAM, shared with other jobs "
         "(step times are slower than on an idle machine).",
         "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,20 +33,11 @@ import tensorflow as tf  # noqa: E402
 
 import tasks  # noqa: E402
 from lodo import LODO  # noqa: E402
+from lodo import provenance  # noqa: E402
 from lodo.outputs import atomic_write_text  # noqa: E402
 
 # The image-generation values of the paper's Table 6 (SPEC §4.2); they do not change the timing.
 LODO_HP = dict(initial_lr=0.08459 / 2, meta_lr=7.946e-6, beta=0.9343)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class ReferenceLODO(LODO):
@@ -155,7 +145,7 @@ def main(argv=None) -> int:
         f"k = {lodo.optimizer.block_size}, memory plan: {plan.segment} layer(s) per compiled program, "
         f"{'p and p⁻¹ kept' if plan.inverse else 'p⁻¹ kept, p rebuilt in each step'}.",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; TensorFlow {tf.__version__}, "
+        f"Machine: {provenance.cpu_model()}, {os.cpu_count()} logical CPUs; TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}. Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after"
         + (": above the CPU count, so other jobs shared the machine and every number is slower than on an idle one."
            if busy else "."),

@@ -5,22 +5,16 @@ differences in test_lodo.py) is the reference: the Keras optimizer must follow
 it step for step under every memory plan, for LODO and every ablation.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import two_devices
 
 from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, algorithm, layerwise
 from lodo import meta_optimizers
 from lodo import preconditioner as bp
 
-ROOT = Path(__file__).resolve().parent.parent
 HP = dict(initial_lr=0.2, meta_lr=0.01, beta=0.6)
 
 
@@ -216,41 +210,15 @@ def test_lean_step_updates_in_place_and_holds_only_a_segment_of_activations():
 
 
 def test_mirrored_lean_lodo_matches_single_device_and_replicas_agree():
-    script = textwrap.dedent("""
-        import numpy as np, tensorflow as tf, keras
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from lodo import LODO
+    script = """
+from lodo import LODO
+from two_devices import compare_fit
 
-        x = np.random.default_rng(0).standard_normal((64, 6)).astype("float32")
-        y = (x @ np.linspace(-1, 1, 6)[:, None]).astype("float32")
-
-        def make():
-            keras.utils.set_random_seed(1)
-            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
-            model.compile(optimizer=LODO(initial_lr=0.05, meta_lr=0.01, beta=0.5, num_layers=5, seed=2, plan="lean"),
-                          loss="mse")
-            return model
-
-        single = make()
-        single.fit(x, y, batch_size=64, epochs=5, shuffle=False, verbose=0)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        with strategy.scope():
-            mirrored = make()
-        mirrored.fit(x, y, batch_size=64, epochs=5, shuffle=False, verbose=0)
-
-        moved = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), make().get_weights()))
-        gap = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), mirrored.get_weights()))
-        drift = max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max()
-                    for v in mirrored.optimizer.variables)
-        print(f"RESULT moved={moved} gap={gap} drift={drift} segments={len(mirrored.optimizer.plan.segments(5))}")
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    values = dict(item.split("=") for item in next(l for l in out.stdout.splitlines()
-                                                   if l.startswith("RESULT")).split()[1:])
+r = compare_fit(lambda: LODO(initial_lr=0.05, meta_lr=0.01, beta=0.5, num_layers=5, seed=2, plan="lean"),
+                batch_size=64, epochs=5)
+print(f"RESULT moved={r['moved']} gap={r['gap']} drift={r['drift']} segments={len(r['optimizer'].plan.segments(5))}")
+"""
+    (values,) = two_devices.run(script)
     assert int(values["segments"]) == 3  # three programs per step
     assert float(values["moved"]) > 1e-3
     assert float(values["gap"]) < 1e-5  # float32 all-reduce vs single-device sum

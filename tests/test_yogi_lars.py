@@ -1,15 +1,10 @@
 """Yogi and LARS: the Keras optimizers and the engine adapters against plain NumPy rules."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import two_devices
 
 import optimizers
 import tasks
@@ -17,7 +12,6 @@ from lodo.engine import Engine
 from optimizers.lars import LARS
 from optimizers.yogi import Yogi
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def numpy_yogi(lr, b1, b2, eps):
@@ -182,48 +176,23 @@ def test_engine_lars_uses_per_seed_norms():
     assert np.abs(coupled - got).max() > 1e-3  # one norm over all seeds would differ
 
 
-MIRRORED = textwrap.dedent("""
-    import numpy as np, tensorflow as tf, keras
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from optimizers.lars import LARS
-    from optimizers.yogi import Yogi
+MIRRORED = """
+from optimizers.lars import LARS
+from optimizers.yogi import Yogi
+from two_devices import compare_fit
 
-    x = np.random.default_rng(0).standard_normal((64, 6)).astype("float32")
-    y = (x @ np.linspace(-1, 1, 6)[:, None]).astype("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-    for name, make_opt in [("yogi", lambda: Yogi(learning_rate=0.05, beta_1=0.8, beta_2=0.99)),
-                           ("lars", lambda: LARS(learning_rate=0.05, momentum=0.8, weight_decay=1e-3, total_steps=8))]:
-        def make():
-            keras.utils.set_random_seed(1)
-            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
-                                      keras.layers.Dense(1)])
-            model.compile(optimizer=make_opt(), loss="mse")
-            return model
-
-        single = make()
-        single.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-        with strategy.scope():
-            mirrored = make()
-        mirrored.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-        moved = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), make().get_weights()))
-        gap = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), mirrored.get_weights()))
-        drift = max(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max()
-                    for v in mirrored.optimizer.variables)
-        print(f"RESULT {name} moved={moved} gap={gap} drift={drift}")
-""")
+for name, make_opt in [("yogi", lambda: Yogi(learning_rate=0.05, beta_1=0.8, beta_2=0.99)),
+                       ("lars", lambda: LARS(learning_rate=0.05, momentum=0.8, weight_decay=1e-3, total_steps=8))]:
+    r = compare_fit(make_opt, batch_size=32, epochs=3)
+    print(f"RESULT {name} moved={r['moved']} gap={r['gap']} drift={r['drift']}")
+"""
 
 
 def test_mirrored_fit_matches_one_device():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, "-c", MIRRORED], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [l.split() for l in out.stdout.splitlines() if l.startswith("RESULT")]
-    assert [l[1] for l in lines] == ["yogi", "lars"]
-    for line in lines:
-        values = {k: float(v) for k, v in (item.split("=") for item in line[2:])}
+    results = two_devices.run(MIRRORED)
+    assert [r["label"] for r in results] == ["yogi", "lars"]
+    for line in results:
+        values = {k: float(v) for k, v in line.items() if k != "label"}
         assert values["moved"] > 1e-3, line
         assert values["gap"] < 1e-5, line
         assert values["drift"] == 0.0, line
