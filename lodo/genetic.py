@@ -21,6 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+
+class SweepError(ValueError):
+    """A bad sweeper setting or sweep folder, reported as one line."""
+
 KINDS = ("rate", "decay")
 # log(1 − x) ≥ this keeps a decay strictly below 1 in float64 (1 − 1e-15 ≠ 1); log(1 − x) ≤ 0 keeps it ≥ 0.
 DECAY_MIN_LOG = math.log(1e-15)

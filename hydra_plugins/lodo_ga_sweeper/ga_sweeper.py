@@ -40,6 +40,10 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 
+# Defined outside this module: Hydra's plugin scan re-executes plugin modules in place, which would
+# make a new SweepError class that no earlier `except SweepError` could catch.
+from lodo.genetic import SweepError  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ga_state.json"
@@ -51,10 +55,6 @@ STATE_FORMAT = 1
 # Set by the sweeper for every generation; the setting that controls each instead.
 RESERVED = {"seed": "hydra.sweeper.first_seed", "num_seeds": "hydra.sweeper.population",
             "steps": "hydra.sweeper.steps"}
-
-
-class SweepError(ValueError):
-    """A bad sweeper setting or sweep folder, reported as one line."""
 
 
 def _plain(value):
