@@ -20,13 +20,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lodo.engine import ChunkClock
+from lodo.run import ConfigError, options
 
 FIRST_CHUNK = 2  # the first call compiles; keep it short so compilation is not mistaken for training time
 MAX_CHUNK = 100  # steps per compiled call at most: bounds the time-milestone and SIGTERM latency
@@ -57,27 +58,14 @@ class SeedRecord(ChunkClock):
 
     @classmethod
     def from_json(cls, data: dict) -> "SeedRecord":
-        return cls(**{k: data[k] for k in ("seed", "losses", "chunk_ends", "validation", "milestones",
-                                           "diverged_at", "compile_time_s")})
-
-
-def _options(node) -> dict:
-    from lodo.run import options
-
-    return options(node)
-
-
-def _config_error(message: str):
-    from lodo.run import ConfigError
-
-    return ConfigError(message)
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def _check_image_settings(cfg: DictConfig) -> None:
     for key in ("test_size", "max_batch_size", "eval_every"):
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise _config_error(f"{key} must be a positive integer or null, got {value!r}")
+            raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
 
 
 def build_task(cfg: DictConfig):
@@ -85,16 +73,16 @@ def build_task(cfg: DictConfig):
     import tasks
     from tasks.image_base import DataError
 
-    task_options = {k: v for k, v in _options(cfg.task).items() if k != "steps"}
+    task_options = {k: v for k, v in options(cfg.task).items() if k != "steps"}
     if cfg.get("max_batch_size") and "batch_size" in task_options:
         task_options["batch_size"] = min(task_options["batch_size"], cfg.max_batch_size)
     try:
         task = tasks.build(cfg.task.name, **task_options, test_size=cfg.get("test_size"))
         task.load()
     except DataError as err:
-        raise _config_error(str(err)) from None
+        raise ConfigError(str(err)) from None
     except (TypeError, ValueError) as err:
-        raise _config_error(f"task {cfg.task.name}: {err}") from None
+        raise ConfigError(f"task {cfg.task.name}: {err}") from None
     return task
 
 
@@ -102,9 +90,9 @@ def build_optimizer(cfg: DictConfig, seed: int):
     from optimizers import model_optimizers
 
     try:
-        return model_optimizers.build(cfg.optimizer.name, seed=seed, **_options(cfg.optimizer))
+        return model_optimizers.build(cfg.optimizer.name, seed=seed, **options(cfg.optimizer))
     except (TypeError, ValueError) as err:
-        raise _config_error(str(err)) from None
+        raise ConfigError(str(err)) from None
 
 
 class SeedTrainer:
@@ -117,7 +105,7 @@ class SeedTrainer:
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = task.batch_size
         if self.global_batch % self.replicas:
-            raise _config_error(f"task.batch_size={self.global_batch} is not divisible by the {self.replicas} "
+            raise ConfigError(f"task.batch_size={self.global_batch} is not divisible by the {self.replicas} "
                                 f"replicas of distribute={cfg.distribute.name}; choose a multiple of {self.replicas}")
         with strategy.scope():
             self.model = task.build_model(seed)
@@ -350,8 +338,8 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
     summary = {
         "task": cfg.task.name,
         "optimizer": cfg.optimizer.name,
-        "hyperparameters": _options(cfg.optimizer),
-        "task_options": _options(cfg.task),
+        "hyperparameters": options(cfg.optimizer),
+        "task_options": options(cfg.task),
         "steps": cfg.steps,
         "seeds": seeds,
         "loss_final_mean": at_steps.get("train_loss_mean"),
@@ -415,7 +403,7 @@ def run_image_task(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         strategy = distribute.make_strategy(cfg.distribute)  # first TensorFlow call: devices are set up here
     except distribute.DistributeError as err:
-        raise _config_error(str(err)) from None
+        raise ConfigError(str(err)) from None
     task = build_task(cfg)
     build_optimizer(cfg, cfg.seed)  # a bad hyperparameter fails now, not after loading a model
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ folder under a temporary directory; none may leave a run folder behind
 ``results/``.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -25,7 +24,6 @@ ENV.pop("HYDRA_FULL_ERROR", None)
 # TensorFlow's C++ libraries print these while they load, before Python can configure any logging.
 LOADER_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
                           r"STDERR|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*)$")
-HAS_TRAINER = importlib.util.find_spec("lodo.trainer") is not None
 TINY = ["steps=3", "num_seeds=1", "task.dim=4", "optimizer.num_layers=1", "progress=false"]
 
 # name -> (arguments, text the error line must contain)
@@ -56,7 +54,6 @@ CASES = {
     "image_no_cpu_devices": (["task=pixelcnn_mnist", "scale=smoke", "distribute=mirrored",
                               "distribute.num_cpu_devices=0"], "num_cpu_devices"),
 }
-IMAGE_CASES = {"image_dataset_missing", "image_no_cpu_devices"}
 
 
 def cli(*args, cwd=ROOT):
@@ -104,7 +101,7 @@ def results(tmp_path_factory):
     folders = {name: tmp / name for name in CASES}
     folders["unwritable_output_folder"] = unwritable_folder(tmp)
     folders["corrupted_checkpoint"] = corrupted_run(tmp)
-    names = [n for n in CASES if HAS_TRAINER or n not in IMAGE_CASES]
+    names = list(CASES)
     workdir = tmp / "workdir"  # the runs' working directory: relative paths (outputs/, results/) land here
     workdir.mkdir()
     before = snapshot(ROOT / "results")
@@ -119,9 +116,7 @@ def results(tmp_path_factory):
     return {"results": done, "folders": folders, "results_dir_before": before, "workdir": workdir}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
-    n in IMAGE_CASES and not HAS_TRAINER, reason="the image trainer (lodo.trainer) is not written yet"))
-    for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_error_line_and_exit_status_2(results, name):
     result = results["results"][name]
     _, expected = CASES[name]
