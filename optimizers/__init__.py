@@ -61,16 +61,26 @@ def build(name: str, **hparams) -> EngineOptimizer:
     """
     hparams.pop("tune", None)
     make = factory(name)
-    accepted = inspect.signature(make).parameters
-    unknown = sorted(set(hparams) - set(accepted))
+    check_hyperparameters(name, hparams, inspect.signature(make).parameters, per_seed=True)
+    return make(**hparams)
+
+
+def check_hyperparameters(name: str, hparams: dict, parameters, per_seed: bool = False) -> None:
+    """One-line ValueError for a hyperparameter ``name``'s factory lacks, or a non-number where it wants one.
+
+    ``parameters``: the factory's signature parameters (the hyperparameters it
+    takes). With ``per_seed``, a float hyperparameter may also be a list of
+    numbers, one per seed, for the optimizers in ``PER_SEED``.
+    """
+    unknown = sorted(set(hparams) - set(parameters))
     if unknown:
         raise ValueError(
-            f"optimizer {name!r} has no hyperparameter {', '.join(unknown)}; it takes: {', '.join(accepted)}"
+            f"optimizer {name!r} has no hyperparameter {', '.join(unknown)}; it takes: {', '.join(parameters)}"
         )
     for key, value in hparams.items():
-        default = accepted[key].default
+        default = parameters[key].default
         if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if is_per_seed(value) and isinstance(default, float):
+            if per_seed and is_per_seed(value) and isinstance(default, float):
                 if name not in PER_SEED:
                     raise ValueError(f"optimizer.{key} must be one number: {name!r} takes no per-seed lists "
                                      f"(those that do: {', '.join(sorted(PER_SEED))})")
@@ -79,7 +89,6 @@ def build(name: str, **hparams) -> EngineOptimizer:
                                      f"seed), got {value!r}")
             elif not _is_number(value):
                 raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
-    return make(**hparams)
 
 
 # Optimizers whose float hyperparameters may be per-seed lists.

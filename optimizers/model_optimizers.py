@@ -86,14 +86,9 @@ def build(name: str, *, seed: int = 0, **hparams) -> keras.optimizers.Optimizer:
         accepted = inspect.signature(make).parameters
     else:
         raise ValueError(f"unknown optimizer {name!r}; optimizers for image tasks: {', '.join(NAMES)}")
-    hyperparameters = [k for k, p in accepted.items() if p.kind is p.POSITIONAL_OR_KEYWORD and k not in ("self", "name", "seed")]
-    unknown = sorted(set(hparams) - set(hyperparameters))
-    if unknown:
-        raise ValueError(f"optimizer {name!r} has no hyperparameter {', '.join(unknown)}; "
-                         f"it takes: {', '.join(hyperparameters)}")
-    for key, value in hparams.items():
-        default = accepted[key].default
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
+    from optimizers import check_hyperparameters
+
+    hyperparameters = {k: p for k, p in accepted.items()
+                       if p.kind is p.POSITIONAL_OR_KEYWORD and k not in ("self", "name", "seed")}
+    check_hyperparameters(name, hparams, hyperparameters)
     return make(**hparams)
