@@ -72,11 +72,13 @@ bench-memory: install  ## LODO vs Adam: state bytes/parameter, peak RSS, step ti
 	$(RUN) scripts/bench_memory.py $(BENCH_MEMORY_ARGS) --out results/bench_memory.md
 
 # Image tasks (SPEC §3.3-3.4, §5). The paper's scale needs GPUs and the real MNIST / CIFAR-10 (`make data`);
-# the *-cpu targets run the reduced scale (scale=cpu: 3,000 steps, 2 seeds, 100 test images) on real Fashion-MNIST
+# the *-cpu targets run the reduced scale (scale=cpu: 1,000 steps, 1 seed, batch 32, 50 test images) on real Fashion-MNIST
 # from its original files (Debian's dataset-fashion-mnist) and report into results/image_cpu/.
 .PHONY: reproduce-table2 report-table2 reproduce-table3 report-table3 reproduce-figure5 report-figure5
 .PHONY: reproduce-table4 report-table4 reproduce-images-cpu reproduce-table2-cpu reproduce-table3-cpu reproduce-figure5-cpu
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+# the sweep folder's name at scale=cpu (configs/scale/cpu.yaml)
+CPU_RUNS = fashion_mnist_1000steps
 CPU_SCALE = scale=cpu task.dataset=fashion_mnist task.data.source=files task.data.path=$(FASHION_MNIST)
 IMAGE_REPORT = $(RUN) scripts/report_images.py
 
@@ -106,15 +108,15 @@ report-table4: install  ## rebuild results/table4.* and figure6.* from runs/tabl
 
 reproduce-table2-cpu: install  ## Table 2 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE); status=$$?; \
-	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_3000steps results/image_cpu --readme README.md && exit $$status
+	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
 
 reproduce-table3-cpu: install  ## Table 3 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=table3 $(CPU_SCALE); status=$$?; \
-	$(IMAGE_REPORT) table3 runs/table3/fashion_mnist_3000steps results/image_cpu --readme README.md && exit $$status
+	$(IMAGE_REPORT) table3 runs/table3/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
 
 reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=figure5 $(CPU_SCALE) num_seeds=1; status=$$?; \
-	$(IMAGE_REPORT) figure5 runs/figure5/fashion_mnist_3000steps results/image_cpu && exit $$status
+	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu && exit $$status
 
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status

@@ -75,6 +75,12 @@ class LODOHyperparams:
                 raise ValueError(f"LODO {name} must be a finite number, got {value!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"LODO beta must be in [0, 1), got {self.beta}")
+        if self.initial_lr <= 0:
+            raise ValueError(f"LODO initial_lr must be positive (it scales the first preconditioner), got "
+                             f"{self.initial_lr}")
+        # meta_lr = 0 is allowed: it freezes the preconditioner at initial_lr·I, a useful control run.
+        if self.meta_lr < 0:
+            raise ValueError(f"LODO meta_lr must be zero or positive, got {self.meta_lr}")
 
 
 def init(

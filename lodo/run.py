@@ -165,6 +165,18 @@ def check_same_run(stored: dict, cfg: DictConfig, out_dir: Path, what: str) -> N
                           f"to resume, or {FRESH_HINT.format(dir=out_dir)}")
 
 
+def loggable_mean(losses) -> float:
+    """The mean of the finite-or-inf losses, as the float32 that TensorBoard stores.
+
+    A runaway loss beyond float32's range becomes inf here; passed on as is, it made ``tf.summary.scalar`` raise,
+    which crashed the job (in a GA generation, every individual sharing it).
+    """
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        return float(np.float32(np.nanmean(np.asarray(losses, dtype=np.float64))))
+
+
 def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
     """The stored summary if this folder holds this very run, finished; None if there is nothing to skip.
 
@@ -298,8 +310,7 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
                disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
     def progress(done, clock, losses):
-        with np.errstate(all="ignore"):
-            current = float(np.nanmean(losses[-min(len(losses), log_every):]))
+        current = loggable_mean(losses[-min(len(losses), log_every):])
         bar.update(min(done, steps) - bar.n)
         bar.set_postfix(loss=f"{current:.4g}", train_s=f"{clock:.1f}")
         with writer.as_default(step=done):

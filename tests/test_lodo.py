@@ -181,6 +181,11 @@ def test_keras_lodo_config_round_trips_and_rejects_bad_shapes():
         LODO(block_size=0)
     with pytest.raises(ValueError, match="beta must be in"):
         LODO(beta=1.5)
+    with pytest.raises(ValueError, match="initial_lr must be positive"):
+        LODO(initial_lr=0.0)
+    with pytest.raises(ValueError, match="meta_lr must be zero or positive, got -0.001"):
+        LODO(meta_lr=-1e-3)
+    assert LODO(meta_lr=0.0).meta_lr == 0.0  # a frozen preconditioner is a valid control run
 
 
 def test_memory_is_n_log_n_not_n_squared():

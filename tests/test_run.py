@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -221,3 +222,17 @@ def test_a_kill_never_leaves_a_truncated_csv_or_json(tmp_path):
         if (tmp_path / "summary.json").exists():
             assert len(json.loads((tmp_path / "summary.json").read_text())["values"]) == 20000
     assert versions, "no file was ever completed"
+
+
+
+def test_a_loss_beyond_float32_range_is_logged_as_inf_not_a_crash(tmp_path):
+    """A runaway individual of a GA generation once crashed TensorBoard logging, and with it the whole generation."""
+    import tensorflow as tf
+
+    from lodo.run import loggable_mean
+
+    with pytest.raises(ValueError):  # what the runner used to pass
+        tf.summary.scalar("loss", float(np.mean([3e100, 1.0])), step=0)
+    assert loggable_mean([3e100, 1.0]) == np.inf and loggable_mean([np.nan, 2.0, 4.0]) == 3.0
+    with tf.summary.create_file_writer(str(tmp_path)).as_default(step=0):
+        assert tf.summary.scalar("loss", loggable_mean([3e100, 1.0]))

@@ -330,7 +330,10 @@ class GASweeper(Sweeper):
                   f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo]}", f"num_seeds={hi - lo}"]
         if image:
             subdir = f"gen_{g:02d}/ind_{lo:02d}"
-            settings = [f"optimizer.{k}={number(values[lo][d])}" for d, k in enumerate(keys)]
+            # The score is the training loss: no pictures, and a one-image test set instead of the minutes that a
+            # full one costs (the summary keeps its test fields).
+            settings = ["artifacts=false", "test_size=1"] + [f"optimizer.{k}={number(values[lo][d])}"
+                                                             for d, k in enumerate(keys)]
         else:
             part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
             subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"
