@@ -272,7 +272,9 @@ class GASweeper(Sweeper):
             self._log(sweep_dir, f"stopped after generation {len(state['generations']) - 1} (hydra.sweeper.stop_after="
                                  f"{self.stop_after}); run the same command again to continue")
             return returns
-        tuned = self._finish(state, keys, kinds, schedule, halve, task_name, optimizer_name, sweep_dir, install_target)
+        dataset = base.task.get("dataset")  # the image-generation task trains on MNIST or Fashion-MNIST
+        where = f"{task_name} ({dataset})" if dataset else task_name
+        tuned = self._finish(state, keys, kinds, schedule, halve, where, optimizer_name, sweep_dir, install_target)
         self._log(sweep_dir, "tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in tuned.items()))
         return returns
 
