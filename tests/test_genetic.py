@@ -180,6 +180,10 @@ def test_install_never_silently_replaces_a_tuned_file(tmp_path):
     sweeper = GASweeper(install=True)
     sweeper.config = OmegaConf.create(sources)
     assert sweeper._install_target("rosenbrock", "lodo") == tmp_path / "tuned" / "rosenbrock" / "lodo.yaml"
+    sweeper = GASweeper(install="overwrite")  # a search over part of the tune: block would drop the rest
+    sweeper.config = OmegaConf.create(sources)
+    with pytest.raises(SweepError, match=r"leaves out beta_1, beta_2, so installing .* would drop their values"):
+        sweeper._install_target("rosenbrock", "adam", ("beta_1", "beta_2"))
 
 
 def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_image_tasks(tmp_path):

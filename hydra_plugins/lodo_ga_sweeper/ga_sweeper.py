@@ -176,7 +176,8 @@ class GASweeper(Sweeper):
                 raise SweepError(f"tune.{key}: optimizer {name!r} has no hyperparameter {key!r}")
         return dict(space)
 
-    def _install_target(self, task: str, optimizer: str) -> Optional[Path]:
+    def _install_target(self, task: str, optimizer: str, untuned: tuple = ()) -> Optional[Path]:
+        """Where install writes; ``untuned``: hyperparameters of the optimizer's tune: block this search leaves out."""
         if self.install is False:
             return None
         sources = _plain(self.config.hydra.runtime.config_sources) or []
@@ -187,6 +188,9 @@ class GASweeper(Sweeper):
         if target.exists() and self.install != "overwrite":
             raise SweepError(f"{target} exists (it may hold the paper's values); hydra.sweeper.install=overwrite "
                              f"replaces it, or leave install off and copy tuned.yaml by hand")
+        if target.exists() and untuned:
+            raise SweepError(f"this search leaves out {', '.join(untuned)}, so installing its tuned.yaml would drop "
+                             f"their values from {target}: leave install off and copy tuned.yaml's values by hand")
         return target
 
     # ------------------------------------------------------------------ sweep
@@ -219,7 +223,8 @@ class GASweeper(Sweeper):
         population = schedule.population
         halve = schedule.halve_rates_after if self.halve_rates_after is None else bool(self.halve_rates_after)
         image = tasks.is_image_task(task_name)
-        install_target = self._install_target(task_name, optimizer_name)
+        untuned = tuple(k for k in (_plain(base.optimizer.get("tune")) or {}) if k not in space)
+        install_target = self._install_target(task_name, optimizer_name, untuned)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
