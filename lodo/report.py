@@ -217,6 +217,8 @@ def main(argv, *, doc: str, stem: str, make_target: str,
     parser.add_argument("--paper", type=Path, default=PAPER_DIR / f"{stem}.csv",
                         help="the paper's numbers (default: %(default)s)")
     parser.add_argument("--readme", type=Path, help=f"also paste the table between <!-- {stem} --> markers here")
+    parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
+                                       "(e.g. that some runs shared the machine)")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         print(f"error: no run folder {args.runs_dir}; run `make {make_target}` first", file=sys.stderr)
@@ -230,6 +232,9 @@ def main(argv, *, doc: str, stem: str, make_target: str,
     paper = read_paper(args.paper) if args.paper and args.paper.exists() else None
     args.out_dir.mkdir(parents=True, exist_ok=True)
     table_md = build(runs, paper, args.out_dir)
+    if args.note:
+        table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
+        atomic_write_text(args.out_dir / f"{stem}.md", table_md)
     if args.readme:
         paste_into_readme(args.readme, stem, table_md)
     print(table_md)

@@ -107,6 +107,8 @@ def test_tiny_table7_multirun_and_report(tmp_path, capsys):
     out = tmp_path / "results"
     assert report_script("report_table7").main([str(runs), str(out)]) == 0
     assert "skipped unfinished or crashed runs: lodo_1" in capsys.readouterr().err
+    assert report_script("report_table7").main([str(runs), str(out), "--note", "Two runs shared the CPU."]) == 0
+    assert (out / "table7.md").read_text().endswith("\n\nNote: Two runs shared the CPU.\n")
 
     table = pd.read_csv(out / "table7.csv")
     assert list(table.optimizer) == ["adam", "momentum"]
