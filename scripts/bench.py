@@ -28,6 +28,11 @@ from lodo import provenance  # noqa: E402
 from lodo.outputs import atomic_write_text  # noqa: E402
 from lodo.run import options  # noqa: E402
 
+IMAGE_BENCHES = ("The image tasks' step times (`make bench-images`, which `make bench` runs next): every optimizer of "
+                 "Tables 2 and 3 on the PixelCNN at batch 256 in `results/bench_pixelcnn_mnist.md`, Table 4's on "
+                 "ResNet-18 at batch 8 in `results/bench_resnet18_cifar10.md`; LODO's memory and step time on "
+                 "ResNet-18 at batch 32 in `results/bench_memory.md` (`make bench-memory`).")
+
 
 def composed(task: str, optimizer: str):
     """The runner's own config for this pair (tuned values included), via Hydra's compose API."""
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
         "",
         f"LODO / Adam throughput ratio: {rates['lodo'] / rates['adam']:.3f}. "
         f"Slowest: `{min(rates, key=rates.get)}` at {min(rates.values()):,.0f} seed-steps/s.",
+        "",
+        IMAGE_BENCHES,
         "",
     ])
     atomic_write_text(args.out, text)
