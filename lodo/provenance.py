@@ -95,6 +95,31 @@ def hardware() -> dict:
     return info
 
 
+# A run's step times only mean something if it had the machine to itself. The 1-minute load average counts the
+# runnable threads; above this many per available CPU, others competed for the cores and the run ran slower than
+# it would alone. (Alone, a TensorFlow run on all cores stays near 1 per CPU.)
+OVERSUBSCRIBED_LOAD_PER_CPU = 1.25
+
+
+def cpu_load() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_load(samples) -> dict | None:
+    """The mean of a run's load samples against the CPUs it could use, and whether they were oversubscribed."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    mean = sum(samples) / len(samples)
+    return {"mean_1min_load": round(mean, 3), "max_1min_load": round(max(samples), 3), "cpus": cpus,
+            "oversubscribed": mean > OVERSUBSCRIBED_LOAD_PER_CPU * cpus}
+
+
 def op_determinism() -> bool | None:
     """Whether TensorFlow's op determinism is on (None: TensorFlow not loaded)."""
     if "tensorflow" not in sys.modules:

@@ -44,6 +44,7 @@ class SeedRecord(ChunkClock):
     milestones: dict = field(default_factory=dict)  # "steps" / "time" -> metrics
     diverged_at: int | None = None
     compile_time_s: float = 0.0
+    load: list = field(default_factory=list)  # the machine's 1-minute load average after each chunk
 
     def window_loss(self, steps: int) -> tuple[float, list]:
         """Mean training loss over the last 1% of ``steps`` steps (SPEC §5) and that window."""
@@ -54,11 +55,11 @@ class SeedRecord(ChunkClock):
     def to_json(self) -> dict:
         return {"seed": self.seed, "losses": [float(v) for v in self.losses], "chunk_ends": self.chunk_ends,
                 "validation": self.validation, "milestones": self.milestones, "diverged_at": self.diverged_at,
-                "compile_time_s": self.compile_time_s}
+                "compile_time_s": self.compile_time_s, "load": self.load}
 
     @classmethod
     def from_json(cls, data: dict) -> "SeedRecord":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # older records lack "load"
 
 
 def _check_image_settings(cfg: DictConfig) -> None:
@@ -216,7 +217,7 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
     import tensorflow as tf
     from tqdm import tqdm
 
-    from lodo import preemption
+    from lodo import preemption, provenance
     from lodo.checkpoints import RunCheckpoint
 
     steps, budget = cfg.steps, cfg.time_budget_s
@@ -262,6 +263,7 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
                 elapsed = 0.0
             record.losses.extend(float(v) for v in losses)
             record.chunk_ends.append([done + count, record.train_time_s + elapsed])
+            record.load.append(provenance.cpu_load())
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 record.diverged_at = done + int(bad[0])
@@ -355,6 +357,11 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
         "at_steps": at_steps,
         **extra,
     }
+    from lodo import provenance
+
+    load = provenance.machine_load([v for r in records for v in r.load])
+    if load is not None:
+        summary["machine_load"] = load  # were steps_per_s and the time axis measured on a machine to itself?
     for key in ("test_loss", "test_accuracy"):
         if f"{key}_mean" in at_steps:
             summary[key] = at_steps[f"{key}_mean"]

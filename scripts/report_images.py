@@ -21,6 +21,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lodo import report  # noqa: E402
+from lodo.provenance import OVERSUBSCRIBED_LOAD_PER_CPU  # noqa: E402
 
 DATASET_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
@@ -57,7 +58,8 @@ def build_loss_table(runs: dict, paper) -> pd.DataFrame:
     for name, run in runs.items():
         s = run.summary
         row = {"optimizer": name, "seeds": run.num_seeds, "diverged": s["diverged"], "steps": s["steps"],
-               "steps_per_s": s.get("steps_per_s")}
+               "steps_per_s": s.get("steps_per_s"),
+               "shared_machine": bool(s.get("machine_load", {}).get("oversubscribed", False))}
         for kind in ("steps", "time"):
             for key in ("train_loss", "test_loss", "test_accuracy"):
                 row[f"{key}_{kind}_mean"], row[f"{key}_{kind}_std"] = _milestone_value(s, kind, key)
@@ -82,7 +84,8 @@ def loss_entries(table: pd.DataFrame, with_time: bool) -> tuple[list[str], list[
             row += [report.cell(r["train_loss_time_mean"], r["train_loss_time_std"], r["diverged"], r["seeds"]),
                     report.cell(r["test_loss_time_mean"], r["test_loss_time_std"], r["diverged"], r["seeds"]),
                     report.paper_cell(r["paper_test_loss_time"])]
-        row.append("–" if report.missing(r["steps_per_s"]) else f"{r['steps_per_s']:.2f}")
+        row.append("–" if report.missing(r["steps_per_s"]) else
+                   f"{r['steps_per_s']:.2f}" + ("*" if r["shared_machine"] else ""))
         rows.append(row)
     return header, rows
 
@@ -120,6 +123,10 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
     caption = (f"\n{what}. Mean ± std over seeds; training loss = mean over the last 1% of steps; test loss = mean "
                f"cross-entropy over all 784 query positions of each test image. Measured on: {note}. The paper's "
                f"numbers are MNIST at 300k steps / 50k s on its hardware (one randomly chosen run).")
+    if table["shared_machine"].any():
+        caption += (" *: other jobs shared the run's cores (its mean 1-minute load exceeded "
+                    f"{OVERSUBSCRIBED_LOAD_PER_CPU:g} per CPU), so its steps/s and time axis understate the "
+                    f"optimizer's speed.")
     report.write_table(out_dir, stem, table, report.markdown_table(header, rows) + caption + "\n",
                        report.latex_table(header, rows))
     curves(runs, out_dir, figure, f"{what} — {note}")

@@ -55,6 +55,23 @@ def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_
     validation = pd.read_csv(tmp_path / "validation.csv")
     assert list(validation.step[validation.seed == 0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
                                                            19, 20]
+    # The machine's load after every chunk, so a report can tell a run that shared its cores.
+    assert all(len(r["load"]) == len(r["chunk_ends"]) for r in records)
+    assert set(summary["machine_load"]) == {"mean_1min_load", "max_1min_load", "cpus", "oversubscribed"}
+
+
+def test_machine_load_flags_a_run_whose_cores_were_oversubscribed(monkeypatch):
+    from lodo import provenance
+    from lodo.trainer import SeedRecord
+
+    monkeypatch.setattr(provenance.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert provenance.machine_load([1.9, 2.1]) == {"mean_1min_load": 2.0, "max_1min_load": 2.1, "cpus": 2,
+                                                   "oversubscribed": False}
+    assert provenance.machine_load([3.0, 4.0, None])["oversubscribed"]  # 3.5 > 1.25 × 2
+    assert provenance.machine_load([None]) is None
+    old = {"seed": 3, "losses": [1.0], "chunk_ends": [[1, 0.5]], "validation": [], "milestones": {},
+           "diverged_at": None, "compile_time_s": 0.1}  # a record written before loads were kept
+    assert SeedRecord.from_json(old).load == []
 
 
 def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
