@@ -95,29 +95,42 @@ def hardware() -> dict:
     return info
 
 
-# A run's step times only mean something if it had the machine to itself. The 1-minute load average counts the
-# runnable threads; above this many per available CPU, others competed for the cores and the run ran slower than
-# it would alone. (Alone, a TensorFlow run on all cores stays near 1 per CPU.)
-OVERSUBSCRIBED_LOAD_PER_CPU = 1.25
+# A run's step times only mean something if it had the machine's cores to itself. The load average cannot tell:
+# one TensorFlow run alone keeps more threads runnable than there are cores. What can: the CPU time the whole
+# machine spent busy (/proc/stat) minus this process's own, per second of training. A run is marked shared when
+# other processes used more than this fraction of the CPUs while it trained.
+SHARED_CPU_FRACTION = 0.2
 
 
-def cpu_load() -> float | None:
-    """The 1-minute load average, or None where the platform has none."""
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process), or None without /proc/stat."""
     try:
-        return float(os.getloadavg()[0])
-    except (AttributeError, OSError):
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
 
 
-def machine_load(samples) -> dict | None:
-    """The mean of a run's load samples against the CPUs it could use, and whether they were oversubscribed."""
-    samples = [s for s in samples if s is not None]
-    if not samples:
+def others_cpu(before, after) -> float | None:
+    """CPU seconds that other processes used between two ``cpu_seconds()`` samples."""
+    if before is None or after is None:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+
+
+def cpu_sharing(chunks) -> dict | None:
+    """From ``[wall seconds, others' CPU seconds]`` per training chunk: the cores others used on average, and
+    whether that made the run's timings unrepresentative (``shared``)."""
+    chunks = [c for c in chunks if c and c[1] is not None]
+    wall = sum(c[0] for c in chunks)
+    if wall <= 0:
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    mean = sum(samples) / len(samples)
-    return {"mean_1min_load": round(mean, 3), "max_1min_load": round(max(samples), 3), "cpus": cpus,
-            "oversubscribed": mean > OVERSUBSCRIBED_LOAD_PER_CPU * cpus}
+    others = sum(c[1] for c in chunks) / wall
+    return {"others_cores_mean": round(others, 3), "cpus": cpus, "shared": others > SHARED_CPU_FRACTION * cpus}
 
 
 def op_determinism() -> bool | None:

@@ -44,7 +44,7 @@ class SeedRecord(ChunkClock):
     milestones: dict = field(default_factory=dict)  # "steps" / "time" -> metrics
     diverged_at: int | None = None
     compile_time_s: float = 0.0
-    load: list = field(default_factory=list)  # the machine's 1-minute load average after each chunk
+    others_cpu: list = field(default_factory=list)  # [wall s, CPU s of other processes] of each training chunk
 
     def window_loss(self, steps: int) -> tuple[float, list]:
         """Mean training loss over the last 1% of ``steps`` steps (SPEC §5) and that window."""
@@ -55,11 +55,11 @@ class SeedRecord(ChunkClock):
     def to_json(self) -> dict:
         return {"seed": self.seed, "losses": [float(v) for v in self.losses], "chunk_ends": self.chunk_ends,
                 "validation": self.validation, "milestones": self.milestones, "diverged_at": self.diverged_at,
-                "compile_time_s": self.compile_time_s, "load": self.load}
+                "compile_time_s": self.compile_time_s, "others_cpu": self.others_cpu}
 
     @classmethod
     def from_json(cls, data: dict) -> "SeedRecord":
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # older records lack "load"
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # older records lack "others_cpu"
 
 
 def _check_image_settings(cfg: DictConfig) -> None:
@@ -255,15 +255,17 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
             next_eval = (done // eval_every + 1) * eval_every
             limit = next_eval if done >= steps else min(next_eval, steps)
             count = max(1, min(limit - done, MAX_CHUNK, FIRST_CHUNK if not record.chunk_ends else MAX_CHUNK))
-            started = time.perf_counter()
+            cpu_before, started = provenance.cpu_seconds(), time.perf_counter()
             losses = trainer.train(iterator, count)
             elapsed = time.perf_counter() - started
+            others = provenance.others_cpu(cpu_before, provenance.cpu_seconds())
             if not record.chunk_ends and record.compile_time_s == 0.0:
                 record.compile_time_s = elapsed  # the first call traces and compiles: not training time
                 elapsed = 0.0
+            else:
+                record.others_cpu.append([elapsed, others])
             record.losses.extend(float(v) for v in losses)
             record.chunk_ends.append([done + count, record.train_time_s + elapsed])
-            record.load.append(provenance.cpu_load())
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 record.diverged_at = done + int(bad[0])
@@ -359,9 +361,9 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
     }
     from lodo import provenance
 
-    load = provenance.machine_load([v for r in records for v in r.load])
-    if load is not None:
-        summary["machine_load"] = load  # were steps_per_s and the time axis measured on a machine to itself?
+    sharing = provenance.cpu_sharing([c for r in records for c in r.others_cpu])
+    if sharing is not None:
+        summary["cpu_sharing"] = sharing  # were steps_per_s and the time axis measured with the cores to itself?
     for key in ("test_loss", "test_accuracy"):
         if f"{key}_mean" in at_steps:
             summary[key] = at_steps[f"{key}_mean"]

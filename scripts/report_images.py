@@ -21,7 +21,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lodo import report  # noqa: E402
-from lodo.provenance import OVERSUBSCRIBED_LOAD_PER_CPU  # noqa: E402
+from lodo.provenance import SHARED_CPU_FRACTION  # noqa: E402
 
 DATASET_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
@@ -59,7 +59,7 @@ def build_loss_table(runs: dict, paper) -> pd.DataFrame:
         s = run.summary
         row = {"optimizer": name, "seeds": run.num_seeds, "diverged": s["diverged"], "steps": s["steps"],
                "steps_per_s": s.get("steps_per_s"),
-               "shared_machine": bool(s.get("machine_load", {}).get("oversubscribed", False))}
+               "shared_machine": bool(s.get("cpu_sharing", {}).get("shared", False))}
         for kind in ("steps", "time"):
             for key in ("train_loss", "test_loss", "test_accuracy"):
                 row[f"{key}_{kind}_mean"], row[f"{key}_{kind}_std"] = _milestone_value(s, kind, key)
@@ -124,9 +124,9 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
                f"cross-entropy over all 784 query positions of each test image. Measured on: {note}. The paper's "
                f"numbers are MNIST at 300k steps / 50k s on its hardware (one randomly chosen run).")
     if table["shared_machine"].any():
-        caption += (" *: other jobs shared the run's cores (its mean 1-minute load exceeded "
-                    f"{OVERSUBSCRIBED_LOAD_PER_CPU:g} per CPU), so its steps/s and time axis understate the "
-                    f"optimizer's speed.")
+        caption += (" *: other processes used more than "
+                    f"{SHARED_CPU_FRACTION:.0%} of the machine's CPUs while this run trained, so its steps/s and "
+                    f"time axis understate the optimizer's speed.")
     report.write_table(out_dir, stem, table, report.markdown_table(header, rows) + caption + "\n",
                        report.latex_table(header, rows))
     curves(runs, out_dir, figure, f"{what} — {note}")

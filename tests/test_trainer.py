@@ -55,23 +55,29 @@ def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_
     validation = pd.read_csv(tmp_path / "validation.csv")
     assert list(validation.step[validation.seed == 0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
                                                            19, 20]
-    # The machine's load after every chunk, so a report can tell a run that shared its cores.
-    assert all(len(r["load"]) == len(r["chunk_ends"]) for r in records)
-    assert set(summary["machine_load"]) == {"mean_1min_load", "max_1min_load", "cpus", "oversubscribed"}
+    # Other processes' CPU use during every training chunk (not the compiling first), so a report can tell a run
+    # that shared its cores.
+    assert all(len(r["others_cpu"]) == len(r["chunk_ends"]) - 1 for r in records)
+    assert set(summary["cpu_sharing"]) == {"others_cores_mean", "cpus", "shared"}
 
 
-def test_machine_load_flags_a_run_whose_cores_were_oversubscribed(monkeypatch):
+def test_cpu_sharing_flags_a_run_whose_cores_other_processes_used(monkeypatch):
     from lodo import provenance
     from lodo.trainer import SeedRecord
 
     monkeypatch.setattr(provenance.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert provenance.machine_load([1.9, 2.1]) == {"mean_1min_load": 2.0, "max_1min_load": 2.1, "cpus": 2,
-                                                   "oversubscribed": False}
-    assert provenance.machine_load([3.0, 4.0, None])["oversubscribed"]  # 3.5 > 1.25 × 2
-    assert provenance.machine_load([None]) is None
+    # 10 s of training; others used 3 CPU s: 0.3 cores of 2, below the 0.2 × 2 = 0.4 limit.
+    assert provenance.cpu_sharing([[4.0, 1.0], [6.0, 2.0]]) == {"others_cores_mean": 0.3, "cpus": 2, "shared": False}
+    assert provenance.cpu_sharing([[10.0, 9.0], [1.0, None]])["shared"]  # 0.9 cores: shared
+    assert provenance.cpu_sharing([]) is None
+    # Busy machine seconds minus this process's own: what others used.
+    assert provenance.others_cpu((100.0, 20.0), (112.0, 29.5)) == pytest.approx(2.5)
+    assert provenance.others_cpu(None, (1.0, 1.0)) is None
+    sample = provenance.cpu_seconds()
+    assert sample is None or (sample[0] > 0 and sample[1] > 0)
     old = {"seed": 3, "losses": [1.0], "chunk_ends": [[1, 0.5]], "validation": [], "milestones": {},
-           "diverged_at": None, "compile_time_s": 0.1}  # a record written before loads were kept
-    assert SeedRecord.from_json(old).load == []
+           "diverged_at": None, "compile_time_s": 0.1}  # a record written before others' CPU use was kept
+    assert SeedRecord.from_json(old).others_cpu == []
 
 
 def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
