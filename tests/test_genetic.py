@@ -273,3 +273,18 @@ def test_curve_rows_that_lost_their_digits_after_a_transient_are_not_scored():
     calm = np.concatenate([np.full(200, 10.0), np.full(800, 15.0)])
     sums = np.concatenate([[0.0], np.cumsum(calm)])
     assert genetic.window_score(ends, (sums[ends] - sums[ends - 100]) / 100, 1000, 0.1) == pytest.approx(15.0)
+
+
+def test_the_tuning_summary_compares_the_small_tasks_and_leaves_image_sweeps_out(tmp_path):
+    """Image sweeps fill values the paper lost, so there is no paper's value to put beside them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tuning_summary", ROOT / "scripts" / "tuning_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    for task, optimizer in (("pixelcnn_mnist", "rmsprop"), ("rosenbrock", "adam")):
+        (tmp_path / task / optimizer).mkdir(parents=True)
+        (tmp_path / task / optimizer / "ga_state.json").write_text(json.dumps(
+            {"setup": {"plan": [[3, 200], [2, 200]]}, "generations": [{"wall_s": 1.0, "seeds": [1000]}]}))
+    frame, problems = summary.collect(tmp_path)
+    assert frame.empty and problems == ["rosenbrock/adam: sweep unfinished (1/2 generations)"]
