@@ -70,11 +70,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def available_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity), which a container or a batch job can restrict."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def hardware() -> dict:
     """CPU and accelerators. Never initializes TensorFlow's devices: a run may still split them
     (``distribute.num_cpu_devices``), so the logical devices are counted only once they exist."""
     info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpus_available": available_cpus(),
             "gpus": [], "gpu_count": 0, "logical_device_count": None, "logical_devices": None}
     if "tensorflow" not in sys.modules:
         return info
@@ -128,7 +133,7 @@ def cpu_sharing(chunks) -> dict | None:
     wall = sum(c[0] for c in chunks)
     if wall <= 0:
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus() or os.cpu_count() or 1
     others = sum(c[1] for c in chunks) / wall
     return {"others_cores_mean": round(others, 3), "cpus": cpus, "shared": others > SHARED_CPU_FRACTION * cpus}
 
