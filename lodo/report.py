@@ -209,7 +209,7 @@ def main(argv, *, doc: str, stem: str, make_target: str,
     """The shared command line: load the runs, call ``build(runs, paper, out_dir)``, print its Markdown.
 
     ``build`` writes the outputs and returns the Markdown table, which
-    ``--readme`` also pastes between ``<!-- stem -->`` markers.
+    ``--readme`` also pastes between ``<!-- stem -->`` markers (``--marker`` names others).
     """
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("runs_dir", type=Path)
@@ -217,6 +217,8 @@ def main(argv, *, doc: str, stem: str, make_target: str,
     parser.add_argument("--paper", type=Path, default=PAPER_DIR / f"{stem}.csv",
                         help="the paper's numbers (default: %(default)s)")
     parser.add_argument("--readme", type=Path, help=f"also paste the table between <!-- {stem} --> markers here")
+    parser.add_argument("--marker", default=stem,
+                        help="the README markers' name, when one README shows the same table at two scales")
     parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
                                        "(e.g. that some runs shared the machine)")
     args = parser.parse_args(argv)
@@ -236,6 +238,6 @@ def main(argv, *, doc: str, stem: str, make_target: str,
         table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
         atomic_write_text(args.out_dir / f"{stem}.md", table_md)
     if args.readme:
-        paste_into_readme(args.readme, stem, table_md)
+        paste_into_readme(args.readme, args.marker, table_md)
     print(table_md)
     return 0

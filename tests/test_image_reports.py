@@ -1,0 +1,93 @@
+"""scripts/report_images.py on hand-made run folders: the tables read the summaries, the competitiveness
+sentence matches a NumPy mean of the curves, and a diverged run is never called the best."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lodo import report
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("report_images", ROOT / "scripts" / "report_images.py")
+report_images = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report_images)
+
+STEPS = 200
+
+
+def write_run(folder: Path, optimizer: str, losses: dict[int, np.ndarray], diverged: int = 0) -> None:
+    """A finished image run: summary.json as lodo.run writes it (the fields reports read) and curve.csv."""
+    folder.mkdir(parents=True)
+    rows = [{"seed": seed, "step": step + 1, "train_time_s": 0.1 * step, "loss": float(loss[step])}
+            for seed, loss in losses.items() for step in range(STEPS)]
+    pd.DataFrame(rows).to_csv(folder / "curve.csv", index=False)
+    final = [float(loss[-2:].mean()) for loss in losses.values()]
+    summary = {
+        "task": "pixelcnn_mnist", "optimizer": optimizer, "hyperparameters": {"learning_rate": 1e-3},
+        "task_options": {"dataset": "fashion_mnist", "data": {"source": "files"}, "batch_size": 256},
+        "steps": STEPS, "seeds": sorted(losses), "diverged": diverged, "steps_per_s": 5.0, "batch_size": 32,
+        "loss_final_mean": float(np.mean(final)), "loss_final_std": float(np.std(final)),
+        "at_steps": {"train_loss_mean": float(np.mean(final)), "train_loss_std": float(np.std(final)),
+                     "test_loss_mean": 2.5, "test_loss_std": 0.01},
+        "test_loss": 2.5, "test_images": 50,
+        "distribute": {"devices": ["/device:CPU:0"]},
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def noisy_decay(seed: int, floor: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return floor + 3.0 * np.exp(-np.arange(STEPS) / 40) + rng.normal(0, 0.3, STEPS)
+
+
+def test_table2_states_lodo_against_the_best_standard_optimizer(tmp_path):
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    curves = {"adam": {0: noisy_decay(1, 3.0), 1: noisy_decay(2, 3.0)},
+              "yogi": {0: noisy_decay(3, 2.8), 1: noisy_decay(4, 2.8)},
+              "rmsprop": {0: noisy_decay(5, 1.0), 1: noisy_decay(6, 1.0)},  # not one of the rivals the claim names
+              "lodo": {0: noisy_decay(7, 2.9), 1: noisy_decay(8, 2.9)}}
+    for name, losses in curves.items():
+        write_run(runs_dir / name, name, losses)
+    write_run(runs_dir / "momentum", "momentum", {0: np.full(STEPS, 0.5)}, diverged=1)
+
+    def late(losses):  # the last 10% of steps (steps 181..200), per seed, then over seeds
+        return np.mean([loss[STEPS - STEPS // 10:].mean() for loss in losses.values()])
+
+    runs, _ = report.load_runs(runs_dir)
+    md = report_images.build_table2(runs, None, out)
+
+    expected_lodo, expected_yogi = late(curves["lodo"]), late(curves["yogi"])
+    assert expected_yogi < late(curves["adam"])
+    sentence = md[md.index("Smoothed training loss"):]
+    assert f"LODO {expected_lodo:.3f}" in sentence
+    assert f"best of Adam, Yogi: Yogi {expected_yogi:.3f}" in sentence  # diverged Momentum is left out
+    assert f"{100 * (expected_lodo / expected_yogi - 1):+.1f}%" in sentence
+    table = pd.read_csv(out / "table2.csv").set_index("optimizer")
+    assert table.loc["lodo", "train_loss_last_10pct"] == pytest.approx(expected_lodo, rel=1e-6)
+    assert np.isnan(table.loc["momentum", "train_loss_last_10pct"])
+    assert "Fashion-MNIST (files source), 200 steps, 2 seeds, batch 32, test metrics on 50 test images" in md
+    assert (out / "table2.md").read_text() == md
+    assert (out / "figure4.png").is_file()
+
+
+def test_table2_without_lodo_has_no_comparison(tmp_path):
+    write_run(tmp_path / "runs" / "adam", "adam", {0: noisy_decay(1, 3.0)})
+    runs, _ = report.load_runs(tmp_path / "runs")
+    assert "Smoothed training loss" not in report_images.build_table2(runs, None, tmp_path / "out")
+
+
+def test_readme_marker_option_keeps_two_scales_of_one_table_apart(tmp_path):
+    write_run(tmp_path / "runs" / "adam", "adam", {0: noisy_decay(1, 3.0)})
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table2 -->\nshort scale\n<!-- /table2 -->\n<!-- table2_long -->\nold\n<!-- /table2_long -->\n")
+    argv = [str(tmp_path / "runs"), str(tmp_path / "out"), "--readme", str(readme), "--marker", "table2_long"]
+    assert report.main(argv, doc="d", stem="table2", make_target="t", build=report_images.build_table2) == 0
+    text = readme.read_text()
+    assert "short scale" in text and "old" not in text
+    assert text.index("<!-- table2_long -->") < text.index("| Adam |") < text.index("<!-- /table2_long -->")
