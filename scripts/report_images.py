@@ -135,18 +135,29 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
     return md
 
 
-def copy_pictures(runs: dict, out_dir: Path) -> None:
-    """Figures 9 and 10 from the LODO run (else the first run): its input channels and its samples."""
+def _copy(path: Path, out_dir: Path, name: str) -> None:
     import shutil
 
+    if path.is_file():
+        tmp = out_dir / f".{name}.tmp"
+        shutil.copyfile(path, tmp)
+        tmp.replace(out_dir / name)
+
+
+def copy_pictures(runs: dict, out_dir: Path) -> None:
+    """Figures 9 and 10 from the LODO run (else the first run): its input channels and its samples.
+
+    Every other optimizer's samples come along as ``figure10_<optimizer>.png``,
+    because at a reduced scale how far the samples got differs by optimizer.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     run = runs.get("lodo") or next(iter(runs.values()))
     for source, figure in (("input_channels", "figure9"), ("samples", "figure10")):
         for ext in ("png", "pdf"):
-            path = run.folder / f"{source}.{ext}"
-            if path.is_file():
-                tmp = out_dir / f".{figure}.tmp.{ext}"
-                shutil.copyfile(path, tmp)
-                tmp.replace(out_dir / f"{figure}.{ext}")
+            _copy(run.folder / f"{source}.{ext}", out_dir, f"{figure}.{ext}")
+    for name, other in runs.items():
+        if other is not run:
+            _copy(other.folder / "samples.png", out_dir, f"figure10_{name}.png")
 
 
 # The paper's claim for the image task: LODO is competitive with these (SPEC §1.3).

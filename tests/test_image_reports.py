@@ -54,6 +54,7 @@ def test_table2_states_lodo_against_the_best_standard_optimizer(tmp_path):
               "lodo": {0: noisy_decay(7, 2.9), 1: noisy_decay(8, 2.9)}}
     for name, losses in curves.items():
         write_run(runs_dir / name, name, losses)
+        (runs_dir / name / "samples.png").write_bytes(name.encode())
     write_run(runs_dir / "momentum", "momentum", {0: np.full(STEPS, 0.5)}, diverged=1)
 
     def late(losses):  # the last 10% of steps (steps 181..200), per seed, then over seeds
@@ -74,6 +75,8 @@ def test_table2_states_lodo_against_the_best_standard_optimizer(tmp_path):
     assert "Fashion-MNIST (files source), 200 steps, 2 seeds, batch 32, test metrics on 50 test images" in md
     assert (out / "table2.md").read_text() == md
     assert (out / "figure4.png").is_file()
+    assert (out / "figure10.png").read_bytes() == b"lodo"  # Figure 10 is LODO's; the others sit beside it
+    assert (out / "figure10_yogi.png").read_bytes() == b"yogi" and not (out / "figure10_lodo.png").exists()
 
 
 def test_table2_without_lodo_has_no_comparison(tmp_path):
