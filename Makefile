@@ -19,8 +19,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# One pytest worker per core (pytest-xdist); --dist loadfile keeps a file's tests on one worker, so a
+# module fixture (e.g. test_bad_input's batch of command lines) runs once, not once per worker.
 test: install  ## run the test suite
-	$(RUN) -m pytest -q tests
+	$(RUN) -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) per optimizer on the bowl
 	$(RUN) -m lodo.run experiment=table1; status=$$?; $(MAKE) report-table1 && exit $$status
@@ -119,7 +121,7 @@ reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNI
 	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu && exit $$status
 
 # The competitiveness and samples targets at a longer reduced scale: LODO and the three standard optimizers,
-# 3,000 steps x 2 seeds (about 1.2 h on an idle 2-core CPU).
+# 3,000 steps x 2 seeds (about 2 h on an idle 2-core CPU).
 CPU_LONG = steps=3000 num_seeds=2 optimizer=lodo,yogi,adam,momentum
 .PHONY: reproduce-table2-cpu-3000
 reproduce-table2-cpu-3000: install  ## LODO vs Adam, Momentum, Yogi, 3,000 steps x 2 seeds on Fashion-MNIST (CPU) -> results/image_cpu_3000steps/
