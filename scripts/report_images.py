@@ -257,7 +257,7 @@ def build_figure5(runs_list, paper, out_dir: Path) -> str:
     fig.tight_layout()
     report.save_figure(fig, out_dir, "figure5")
     header = ["β", "Training loss", "Test loss"]
-    md = report.markdown_table(header, rows) + f"\nFigure 5's data: LODO with 8 momenta β. Measured on: {note}.\n"
+    md = report.markdown_table(header, rows) + f"\nFigure 5's data: LODO with {len(runs)} momenta β. Measured on: {note}.\n"
     report.write_table(out_dir, "figure5", frame, md)
     return md
 

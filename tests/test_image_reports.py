@@ -94,3 +94,18 @@ def test_readme_marker_option_keeps_two_scales_of_one_table_apart(tmp_path):
     text = readme.read_text()
     assert "short scale" in text and "old" not in text
     assert text.index("<!-- table2_long -->") < text.index("| Adam |") < text.index("<!-- /table2_long -->")
+
+
+def test_figure5_sorts_by_beta_and_counts_the_runs_it_has(tmp_path):
+    for folder, beta, floor in (("beta_0.9", 0.9, 2.9), ("beta_0.0", 0.0, 3.2)):
+        write_run(tmp_path / "runs" / folder, "lodo", {0: noisy_decay(1, floor)})
+        summary_path = tmp_path / "runs" / folder / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary["hyperparameters"] = {"beta": beta}
+        summary_path.write_text(json.dumps(summary))
+    runs, _ = report.load_runs(tmp_path / "runs")
+    md = report_images.build_figure5(runs, None, tmp_path / "out")
+    assert md.index("| 0.0000 |") < md.index("| 0.9000 |")
+    assert "LODO with 2 momenta β" in md
+    frame = pd.read_csv(tmp_path / "out" / "figure5.csv")
+    assert list(frame.beta) == [0.0, 0.9] and (tmp_path / "out" / "figure5.png").is_file()
