@@ -129,6 +129,14 @@ reproduce-table2-cpu-3000: install  ## LODO vs Adam, Momentum, Yogi, 3,000 steps
 	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_3000steps results/image_cpu_3000steps \
 	  --readme README.md --marker table2_3000steps && exit $$status
 
+# The samples target at a longer reduced scale: LODO and Yogi (the best of Table 2 at 3,000 steps), 10,000 steps,
+# 1 seed, the two runs side by side on the two cores (joblib launcher), about 2 h on an idle 2-core CPU.
+CPU_SAMPLES = steps=10000 num_seeds=1 eval_every=500 optimizer=lodo,yogi hydra/launcher=joblib hydra.launcher.n_jobs=2
+.PHONY: reproduce-samples-cpu
+reproduce-samples-cpu: install  ## LODO and Yogi, 10,000 steps on Fashion-MNIST (CPU), for the Figure 10 samples -> results/image_cpu_10000steps/
+	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE) $(CPU_SAMPLES); status=$$?; \
+	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_10000steps results/image_cpu_10000steps && exit $$status
+
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status
 

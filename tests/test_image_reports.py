@@ -109,3 +109,7 @@ def test_figure5_sorts_by_beta_and_counts_the_runs_it_has(tmp_path):
     assert "LODO with 2 momenta β" in md
     frame = pd.read_csv(tmp_path / "out" / "figure5.csv")
     assert list(frame.beta) == [0.0, 0.9] and (tmp_path / "out" / "figure5.png").is_file()
+    for folder, late in zip(("beta_0.0", "beta_0.9"), frame.train_loss_last_10pct):
+        curve = pd.read_csv(tmp_path / "runs" / folder / "curve.csv")
+        expected = curve[curve.step > 0.9 * curve.step.max()].loss.mean()  # one seed
+        assert np.isclose(late, expected) and f"| {late:.3f} |" in md
