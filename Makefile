@@ -118,7 +118,7 @@ reproduce-table3-cpu: install  ## Table 3 at reduced scale on real Fashion-MNIST
 
 reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=figure5 $(CPU_SCALE) num_seeds=1; status=$$?; \
-	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu && exit $$status
+	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
 
 # The competitiveness and samples targets at a longer reduced scale: LODO and the three standard optimizers,
 # 3,000 steps x 2 seeds (about 2 h on an idle 2-core CPU).
