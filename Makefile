@@ -135,7 +135,8 @@ CPU_SAMPLES = steps=10000 num_seeds=1 eval_every=500 optimizer=lodo,yogi hydra/l
 .PHONY: reproduce-samples-cpu
 reproduce-samples-cpu: install  ## LODO and Yogi, 10,000 steps on Fashion-MNIST (CPU), for the Figure 10 samples -> results/image_cpu_10000steps/
 	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE) $(CPU_SAMPLES); status=$$?; \
-	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_10000steps results/image_cpu_10000steps && exit $$status
+	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_10000steps results/image_cpu_10000steps \
+	  --readme README.md --marker table2_10000steps && exit $$status
 
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status

@@ -85,6 +85,14 @@ def test_table2_without_lodo_has_no_comparison(tmp_path):
     assert "Smoothed training loss" not in report_images.build_table2(runs, None, tmp_path / "out")
 
 
+def test_table2_with_one_rival_names_it_alone(tmp_path):
+    for name, floor in (("yogi", 2.8), ("lodo", 2.9)):
+        write_run(tmp_path / "runs" / name, name, {0: noisy_decay(len(name), floor)})
+    runs, _ = report.load_runs(tmp_path / "runs")
+    sentence = report_images.build_table2(runs, None, tmp_path / "out").split("Smoothed training loss")[1]
+    assert "best of" not in sentence and "; Yogi " in sentence
+
+
 def test_readme_marker_option_keeps_two_scales_of_one_table_apart(tmp_path):
     write_run(tmp_path / "runs" / "adam", "adam", {0: noisy_decay(1, 3.0)})
     readme = tmp_path / "README.md"
