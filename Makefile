@@ -130,7 +130,7 @@ reproduce-table2-cpu-3000: install  ## LODO vs Adam, Momentum, Yogi, 3,000 steps
 	  --readme README.md --marker table2_3000steps && exit $$status
 
 # The samples target at a longer reduced scale: LODO and Yogi (the best of Table 2 at 3,000 steps), 10,000 steps,
-# 1 seed, the two runs side by side on the two cores (joblib launcher), about 2 h on an idle 2-core CPU.
+# 1 seed, the two runs side by side on the two cores (joblib launcher), about 1.5 h on a 2-core CPU.
 CPU_SAMPLES = steps=10000 num_seeds=1 eval_every=500 optimizer=lodo,yogi hydra/launcher=joblib hydra.launcher.n_jobs=2
 .PHONY: reproduce-samples-cpu
 reproduce-samples-cpu: install  ## LODO and Yogi, 10,000 steps on Fashion-MNIST (CPU), for the Figure 10 samples -> results/image_cpu_10000steps/

@@ -35,6 +35,23 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 
+def atomic_copy(source, path) -> None:
+    """Copy the file ``source`` to ``path`` through a temporary file, as ``atomic_write_text`` writes."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf: a diverged value is null

@@ -22,6 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lodo import report  # noqa: E402
+from lodo.outputs import atomic_copy  # noqa: E402
 from lodo.provenance import SHARED_CPU_FRACTION  # noqa: E402
 
 DATASET_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
@@ -92,6 +93,11 @@ def loss_entries(table: pd.DataFrame, with_time: bool) -> tuple[list[str], list[
     return header, rows
 
 
+def _title(fig, text: str) -> None:
+    """A two-panel figure's title, wrapped: the scale note makes it wider than the figure."""
+    fig.suptitle(textwrap.fill(text, 150), fontsize=9)
+
+
 def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -> None:
     """Training loss by step and by training time, mean over seeds, smoothed over ``smooth`` curve points."""
     plt = report.pyplot()
@@ -111,7 +117,7 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 150), fontsize=9)  # the scale note makes it longer than the figure
+    _title(fig, title)
     fig.tight_layout()
     report.save_figure(fig, out_dir, stem)
 
@@ -138,29 +144,19 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
     return md
 
 
-def _copy(path: Path, out_dir: Path, name: str) -> None:
-    import shutil
-
-    if path.is_file():
-        tmp = out_dir / f".{name}.tmp"
-        shutil.copyfile(path, tmp)
-        tmp.replace(out_dir / name)
-
-
 def copy_pictures(runs: dict, out_dir: Path) -> None:
     """Figures 9 and 10 from the LODO run (else the first run): its input channels and its samples.
 
     Every other optimizer's samples come along as ``figure10_<optimizer>.png``,
     because at a reduced scale how far the samples got differs by optimizer.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     run = runs.get("lodo") or next(iter(runs.values()))
-    for source, figure in (("input_channels", "figure9"), ("samples", "figure10")):
-        for ext in ("png", "pdf"):
-            _copy(run.folder / f"{source}.{ext}", out_dir, f"{figure}.{ext}")
-    for name, other in runs.items():
-        if other is not run:
-            _copy(other.folder / "samples.png", out_dir, f"figure10_{name}.png")
+    copies = [(run.folder / f"{source}.{ext}", f"{figure}.{ext}")
+              for source, figure in (("input_channels", "figure9"), ("samples", "figure10")) for ext in ("png", "pdf")]
+    copies += [(other.folder / "samples.png", f"figure10_{name}.png") for name, other in runs.items() if other is not run]
+    for source, name in copies:
+        if source.is_file():
+            atomic_copy(source, out_dir / name)
 
 
 # The paper's claim for the image task: LODO is competitive with these (SPEC §1.3).
@@ -266,7 +262,7 @@ def build_figure5(runs_list, paper, out_dir: Path) -> str:
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(textwrap.fill(f"Figure 5: LODO's momentum sweep — {note}", 150), fontsize=9)
+    _title(fig, f"Figure 5: LODO's momentum sweep — {note}")
     fig.tight_layout()
     report.save_figure(fig, out_dir, "figure5")
     header = ["β", "Training loss", "Training loss, last 10%", "Test loss"]
