@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN := PYTHONPATH=$(CURDIR) $(PY)
+RUN := $(PY)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test reproduce-table1 report-table1 bench clean
@@ -11,12 +11,14 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed  ## create .venv with the pinned requirements
+install: $(VENV)/.installed  ## create .venv: the pinned requirements, then this project in editable mode
 
-$(VENV)/.installed: requirements.txt
+# The pins (requirements.txt) first, then the package itself (pyproject.toml) without re-resolving them.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # One pytest worker per core (pytest-xdist); --dist loadfile keeps a file's tests on one worker, so a
@@ -161,7 +163,7 @@ meta-train-l2l: install  ## meta-train the L2LBGDBGD LSTM on noisy bowls -> opti
 TUNE_BOWL ?= adam momentum rmsprop yogi lbfgs olbfgs lodo
 TUNE_ROSENBROCK ?= adam momentum rmsprop yogi lodo
 TUNE_FROM ?= '~tuned'
-TUNE_RUN := PYTHONPATH=$(CURDIR) nice -n 10 $(PY)
+TUNE_RUN := nice -n 10 $(PY)
 tune-small: install  ## GA-tune the small-task optimizers, compare with the paper's values -> results/tuning/ (hours)
 	status=0; \
 	for pair in $(foreach o,$(TUNE_BOWL),noisy_quadratic_bowl/$(o)) $(foreach o,$(TUNE_ROSENBROCK),rosenbrock/$(o)); do \

@@ -5,7 +5,7 @@
 explicit, multi-seed state.
 
 The Keras classes are imported on first access, so ``python -m lodo.run``
-and ``python -m lodo.aggregate`` can reject bad input before paying for
+and ``python -m lodo.experiment.aggregate`` can reject bad input before paying for
 TensorFlow's import.
 """
 

@@ -3,7 +3,7 @@
 The state is explicit (a ``LODOState`` of tensors), every tensor carries a
 leading axis of independent seeds, and nothing here knows about Keras or
 tasks. The Keras optimizer (``lodo.keras_optimizer``) and the multi-seed engine
-(``lodo.engine``) are thin adapters over these two functions, which is why
+(``lodo.experiment.engine``) are thin adapters over these two functions, which is why
 they follow the same trajectory.
 
 One call of ``update`` with the gradient g_{t+1} = ∇L_{t+1}(θ_{t+1}) does:

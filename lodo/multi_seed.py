@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from lodo import ablations, algorithm, meta_optimizers
 from optimizers import is_per_seed, seed_values
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
 
 def _per_seed_or_float(value):

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from optimizers.base import EngineOptimizer, FunctionalOptimizer, KerasOptimizer, Oracle
+from lodo.functional import EngineOptimizer, FunctionalOptimizer, KerasOptimizer, Oracle
 
 REGISTRY = {
     "adam": "optimizers.keras_builtins:adam",

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
 
 class BFGSState(NamedTuple):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from optimizers import any_per_seed, check_range, seed_values
-from optimizers.base import FunctionalOptimizer, KerasOptimizer
+from lodo.functional import FunctionalOptimizer, KerasOptimizer
 
 
 class PerSeedRule(FunctionalOptimizer):

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # holds optimizers/weights/ in a checkout and when installed
 DEFAULT_WEIGHTS = "optimizers/weights/l2lbgdbgd_bowl.npz"
 MAKE_TARGET = "make meta-train-l2l"
 WEIGHT_NAMES = ("layer0_kernel", "layer0_bias", "layer1_kernel", "layer1_bias", "out_kernel", "out_bias")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
 
 def _norm(x, axis):

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from optimizers import any_per_seed, is_per_seed, seed_values
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
 INITIAL_SCALE = 1e-10  # γ before any (s, y) pair exists
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from optimizers.base import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer
 
 
 def init(n, seeds, dtype):

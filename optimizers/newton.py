@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from optimizers.base import EngineOptimizer
+from lodo.functional import EngineOptimizer
 
 
 class Newton(EngineOptimizer):

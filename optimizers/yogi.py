@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from optimizers import any_per_seed, check_range, is_per_seed
-from optimizers.base import KerasOptimizer
+from lodo.functional import KerasOptimizer
 
 
 @keras.saving.register_keras_serializable(package="lodo_baselines")

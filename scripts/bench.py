@@ -17,16 +17,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-import optimizers  # noqa: E402
-import tasks  # noqa: E402
-from lodo.engine import Engine  # noqa: E402
-from lodo import provenance  # noqa: E402
-from lodo.outputs import atomic_write_text  # noqa: E402
-from lodo.run import options  # noqa: E402
+import optimizers
+import tasks
+from lodo.experiment.engine import Engine
+from lodo.experiment import provenance
+from lodo.experiment.outputs import atomic_write_text
+from lodo.experiment.cli import CONFIG_DIR, options
 
 IMAGE_BENCHES = ("The image tasks' step times (`make bench-images`, which `make bench` runs next): every optimizer of "
                  "Tables 2 and 3 on the PixelCNN at batch 256 in `results/bench_pixelcnn_mnist.md`, Table 4's on "
@@ -38,7 +37,7 @@ def composed(task: str, optimizer: str):
     """The runner's own config for this pair (tuned values included), via Hydra's compose API."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[f"task={task}", f"optimizer={optimizer}"])
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lodo import provenance  # noqa: E402
+from lodo.experiment import provenance
 
 TABLE2 = ["adam", "momentum", "rmsprop", "yogi", "lars", "lodo", "lodo_diagonal", "lodo_global", "lodo_residuals",
           "lodo_no_momentum", "lodo_sgd"]
@@ -33,7 +32,7 @@ TABLE4 = ["adam", "momentum", "rmsprop", "yogi", "lars", "lodo"]
 def compose(task: str, optimizer: str, batch: int):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from lodo.run import CONFIG_DIR
+    from lodo.experiment.cli import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=[f"task={task}", f"optimizer={optimizer}", "task.data.source=synthetic",
@@ -43,7 +42,7 @@ def compose(task: str, optimizer: str, batch: int):
 def time_optimizer(task_name: str, optimizer: str, batch: int, steps: int, repeats: int) -> dict:
     import tensorflow as tf
 
-    from lodo.trainer import SeedTrainer, build_task
+    from lodo.experiment.trainer import SeedTrainer, build_task
 
     cfg = compose(task_name, optimizer, batch)
     task = build_task(cfg)
@@ -62,7 +61,7 @@ def time_optimizer(task_name: str, optimizer: str, batch: int, steps: int, repea
 
 
 def checkpoint_cost(result: dict) -> dict:
-    from lodo.checkpoints import RunCheckpoint
+    from lodo.experiment.checkpoints import RunCheckpoint
 
     trainer, cfg = result["trainer"], result["cfg"]
     with tempfile.TemporaryDirectory() as folder:
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
                      f"that is {100 * checkpoint['overhead']:.2f}% of training time.")
     text = "\n".join(lines) + "\n"
     out = args.out or Path("results") / f"bench_{args.task}.md"
-    from lodo.outputs import atomic_write_text
+    from lodo.experiment.outputs import atomic_write_text
 
     atomic_write_text(out, text)
     print(text)

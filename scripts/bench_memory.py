@@ -75,7 +75,6 @@ def linear_model(n: int):
 
 def run_child(spec: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, str(ROOT))
     import keras
     import numpy as np
     import tensorflow as tf
@@ -150,7 +149,7 @@ def estimate(spec: dict) -> float:
 
 
 def launch(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                          text=True)
     if out.returncode != 0:
@@ -164,7 +163,7 @@ def gb(x: float) -> str:
 
 
 def report(results: list[dict], args) -> str:
-    from lodo.provenance import cpu_model  # main() put the repository on sys.path
+    from lodo.experiment.provenance import cpu_model
 
     rows = []
     for r in results:
@@ -280,8 +279,7 @@ def main(argv=None) -> int:
     if all(r.get("skipped") for r in results):
         print("nothing ran", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(ROOT))
-    from lodo.outputs import atomic_write_text
+    from lodo.experiment.outputs import atomic_write_text
 
     text = report(results, args)
     atomic_write_text(args.out, text)

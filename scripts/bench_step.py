@@ -25,16 +25,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import tasks  # noqa: E402
-from lodo import LODO  # noqa: E402
-from lodo import provenance  # noqa: E402
-from lodo.outputs import atomic_write_text  # noqa: E402
+import tasks
+from lodo import LODO
+from lodo.experiment import provenance
+from lodo.experiment.outputs import atomic_write_text
 
 # The image-generation values of the paper's Table 6 (SPEC §4.2); they do not change the timing.
 LODO_HP = dict(initial_lr=0.08459 / 2, meta_lr=7.946e-6, beta=0.9343)

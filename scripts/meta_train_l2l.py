@@ -36,12 +36,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from optimizers import l2lbgdbgd  # noqa: E402
+from optimizers import l2lbgdbgd
 
 META_STREAM = 0x4C324C  # distinct from tasks.base's PROBLEM_STREAM and NOISE_STREAM
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
+from lodo.experiment import report
 
 
 def steps_text(steps: list) -> str:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
-from lodo.outputs import atomic_copy  # noqa: E402
-from lodo.provenance import SHARED_CPU_FRACTION  # noqa: E402
+from lodo.experiment import report
+from lodo.experiment.outputs import atomic_copy
+from lodo.experiment.provenance import SHARED_CPU_FRACTION
 
 DATASET_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
+from lodo.experiment import report
 
 
 def build_table(runs: dict, paper) -> pd.DataFrame:

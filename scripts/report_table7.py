@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
+from lodo.experiment import report
 
 
 def per_seed_ratios(run: report.Run) -> tuple[float, np.ndarray, int]:

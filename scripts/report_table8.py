@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
+from lodo.experiment import report
 
 X_RANGE, Y_RANGE = (-1.2, 1.5), (-1.0, 2.5)  # Figure 3's window (SPEC §3.2)
 

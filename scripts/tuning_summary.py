@@ -24,9 +24,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lodo import report  # noqa: E402
-from lodo.outputs import atomic_write_text, write_csv  # noqa: E402
+from lodo.experiment import report
+from lodo.experiment.outputs import atomic_write_text, write_csv
 
 TASKS = {"noisy_quadratic_bowl": "Bowl", "rosenbrock": "Rosenbrock"}
 TOLERANCE = 0.03  # "within 3% of the paper's loss, or below"

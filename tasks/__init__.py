@@ -1,7 +1,7 @@
 """Tasks by name.
 
-Small tasks (vectorized over seeds) run in ``lodo.engine``; image tasks (a
-Keras model and a dataset) run in ``lodo.trainer``. Image tasks are imported
+Small tasks (vectorized over seeds) run in ``lodo.experiment.engine``; image tasks (a
+Keras model and a dataset) run in ``lodo.experiment.trainer``. Image tasks are imported
 on first use, so the small tasks never pay for their dependencies.
 """
 

@@ -1,4 +1,4 @@
-"""What an image task offers the image trainer (``lodo.trainer``).
+"""What an image task offers the image trainer (``lodo.experiment.trainer``).
 
 An image task is a Keras model plus data, and knows nothing about
 optimizers, flat parameter vectors, devices or checkpoints. Its training

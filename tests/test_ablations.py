@@ -14,7 +14,7 @@ import optimizers
 import tasks
 from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, algorithm
 from lodo.ablations import DiagonalPreconditioner, GlobalPreconditioner, ResidualPreconditioner
-from lodo.engine import Engine
+from lodo.experiment.engine import Engine
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "optimizer"
 SEEDS = [3, 11]

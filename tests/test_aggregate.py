@@ -1,4 +1,4 @@
-"""``python -m lodo.aggregate``: any set of run folders into one table and figure, skipping unfinished ones."""
+"""``python -m lodo.experiment.aggregate``: any set of run folders into one table and figure, skipping unfinished ones."""
 
 import json
 import os
@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lodo import aggregate
-from lodo.run import CONFIG_DIR, run_small_task
+from lodo.experiment import aggregate
+from lodo.experiment.cli import CONFIG_DIR, run_small_task
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def fake_run(folder: Path, summary: dict | str | None, curve: bool = True) -> Path:
@@ -88,7 +88,7 @@ def test_a_real_run_folder_and_the_command_line(tmp_path):
     (tmp_path / "multirun" / "lodo").mkdir()
     (tmp_path / "multirun" / "lodo" / "config.yaml").write_text("seed: 0\n")  # started, never finished
     before = sorted(p for p in (tmp_path / "multirun").rglob("*"))
-    result = subprocess.run([sys.executable, "-m", "lodo.aggregate", str(tmp_path / "multirun")], cwd=ROOT, env=ENV,
+    result = subprocess.run([sys.executable, "-m", "lodo.experiment.aggregate", str(tmp_path / "multirun")], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped" in result.stderr and "multirun/lodo: no summary.json" in result.stderr

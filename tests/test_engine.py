@@ -6,9 +6,10 @@ import tensorflow as tf
 
 import optimizers
 import tasks
-from lodo import LODO, metrics
-from lodo.checkpoints import RunCheckpoint
-from lodo.engine import Engine, Trace
+from lodo import LODO
+from lodo.experiment import metrics
+from lodo.experiment.checkpoints import RunCheckpoint
+from lodo.experiment.engine import Engine, Trace
 from lodo.multi_seed import MultiSeedLODO
 from reference import numpy_bowl
 

@@ -20,13 +20,13 @@ from hydra.types import RunMode
 
 import optimizers
 import tasks
-from lodo import metrics
-from lodo.engine import Engine
-from lodo.frozen import growth_rate
-from lodo.run import CONFIG_DIR, ConfigError, run_small_task
+from lodo.experiment import metrics
+from lodo.experiment.engine import Engine
+from lodo.experiment.frozen import growth_rate
+from lodo.experiment.cli import CONFIG_DIR, ConfigError, run_small_task
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def composed(*overrides, hydra=False):

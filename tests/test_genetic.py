@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from hydra_plugins.lodo_ga_sweeper.ga_sweeper import GASweeper, SweepError, load_state
-from lodo import genetic
+from lodo.experiment import genetic
 
 ROOT = Path(__file__).resolve().parent.parent
 GA_CONFIG = yaml.safe_load((ROOT / "configs" / "hydra" / "sweeper" / "ga.yaml").read_text())
@@ -120,7 +120,7 @@ def test_schedules_shorten_and_extend_and_the_image_schedule_halves_rates():
 
 def ga(sweep_dir, *extra):
     """The real CLI: a tiny schedule (4 generations x 4 individuals x 20 steps) of Adam on Rosenbrock."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="1")
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
     command = [sys.executable, "-m", "lodo.run", "-m", "hydra/sweeper=ga", "task=rosenbrock", "optimizer=adam",
                "hydra.sweeper.population=4", "hydra.sweeper.generations=4", "hydra.sweeper.steps=20",
                f"hydra.sweep.dir={sweep_dir}", *extra]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lodo import report
+from lodo.experiment import report
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("report_images", ROOT / "scripts" / "report_images.py")

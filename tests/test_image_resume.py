@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ARGS = ["task=pixelcnn_mnist", "task.data.source=synthetic", "task.batch_size=8", "optimizer=lodo",
         "optimizer.num_layers=2", "num_seeds=1", "seed=5", "steps=12", "eval_every=4", "test_size=1",
         "artifacts=false", "checkpoint.every_s=0", "progress=false"]

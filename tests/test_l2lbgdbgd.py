@@ -10,7 +10,7 @@ import yaml
 
 import optimizers
 import tasks
-from lodo.engine import Engine
+from lodo.experiment.engine import Engine
 from optimizers import l2lbgdbgd
 from reference import numpy_bowl
 

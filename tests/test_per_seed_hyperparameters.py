@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import optimizers
 import tasks
-from lodo.engine import Engine
+from lodo.experiment.engine import Engine
 
 SEEDS = [3, 5]
 STEPS = 200

@@ -5,10 +5,10 @@ import tensorflow as tf
 
 import optimizers
 import tasks
-from lodo import metrics
-from lodo.engine import Engine
+from lodo.experiment import metrics
+from lodo.experiment.engine import Engine
 from optimizers import bfgs, lbfgs, levenberg_marquardt
-from optimizers.base import Oracle
+from lodo.functional import Oracle
 from reference import numpy_bowl
 
 

@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from lodo.checkpoints import CheckpointError, RunCheckpoint
-from lodo.preemption import Preemption
+from lodo.experiment.checkpoints import CheckpointError, RunCheckpoint
+from lodo.experiment.preemption import Preemption
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 STEPS, CHUNK = 1200, 20
 RUN = [f"steps={STEPS}", "num_seeds=2", "task.dim=12", "optimizer.num_layers=4", f"chunk_size={CHUNK}",
        "hessian_every=200", "checkpoint.every_s=0", "progress=false"]

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lodo.run import CONFIG_DIR, ConfigError, check_group_choices, run_small_task, validate
+from lodo.experiment.cli import CONFIG_DIR, ConfigError, check_group_choices, run_small_task, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def composed(*overrides):
@@ -102,7 +102,7 @@ def test_unknown_names_are_rejected_before_composition(argv, message):
 def test_every_optimizer_config_is_registered_and_vice_versa():
     import optimizers
 
-    from lodo.run import group_options
+    from lodo.experiment.cli import group_options
     assert group_options("optimizer") == sorted(optimizers.REGISTRY)
 
 
@@ -167,7 +167,7 @@ def test_deterministic_turns_on_op_determinism(tmp_path):
 def test_provenance_names_code_packages_hardware_and_keeps_earlier_attempts(tmp_path):
     import tensorflow as tf
 
-    from lodo import provenance
+    from lodo.experiment import provenance
 
     cfg = composed("steps=7")
     (tmp_path / "provenance.json").write_text(json.dumps({"pid": -1, "start_time": "earlier", "hostname": "a"}))
@@ -229,7 +229,7 @@ def test_a_loss_beyond_float32_range_is_logged_as_inf_not_a_crash(tmp_path):
     """A runaway individual of a GA generation once crashed TensorBoard logging, and with it the whole generation."""
     import tensorflow as tf
 
-    from lodo.run import loggable_mean
+    from lodo.experiment.cli import loggable_mean
 
     with pytest.raises(ValueError):  # what the runner used to pass
         tf.summary.scalar("loss", float(np.mean([3e100, 1.0])), step=0)

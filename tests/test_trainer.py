@@ -1,7 +1,6 @@
 """The image trainer on a toy task: run folder, milestones, divergence, resume, and the losses it reports."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import tasks
-from lodo.run import CONFIG_DIR, ConfigError
+from lodo.experiment.cli import CONFIG_DIR, ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +29,7 @@ def config(*overrides, steps=20, **task):
 
 
 def run(cfg, folder):
-    from lodo.trainer import run_image_task
+    from lodo.experiment.trainer import run_image_task
 
     return run_image_task(cfg, Path(folder))
 
@@ -62,8 +60,8 @@ def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_
 
 
 def test_cpu_sharing_flags_a_run_whose_cores_other_processes_used(monkeypatch):
-    from lodo import provenance
-    from lodo.trainer import SeedRecord
+    from lodo.experiment import provenance
+    from lodo.experiment.trainer import SeedRecord
 
     monkeypatch.setattr(provenance.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     # 10 s of training; others used 3 CPU s: 0.3 cores of 2, below the 0.2 × 2 = 0.4 limit.
@@ -97,7 +95,7 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    from lodo import trainer
+    from lodo.experiment import trainer
 
     whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
 
@@ -129,7 +127,7 @@ def test_quasi_newton_optimizers_refuse_image_tasks_in_one_line(tmp_path):
 
 
 def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
-    from lodo.trainer import SeedTrainer
+    from lodo.experiment.trainer import SeedTrainer
 
     class TwoReplicas:
         num_replicas_in_sync = 2
@@ -144,8 +142,8 @@ def test_a_termination_signal_checkpoints_exits_for_requeue_and_the_rerun_finish
     import os
     import signal
 
-    from lodo import trainer
-    from lodo.preemption import Preemption
+    from lodo.experiment import trainer
+    from lodo.experiment.preemption import Preemption
 
     whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "whole")
 

@@ -7,8 +7,8 @@ import two_devices
 SCRIPT = """
 import numpy as np
 from omegaconf import OmegaConf
-from lodo import distribute
-from lodo.trainer import SeedTrainer
+from lodo.experiment import distribute
+from lodo.experiment.trainer import SeedTrainer
 from toy_image_task import ToyImageTask
 from two_devices import replica_drift
 

@@ -8,7 +8,7 @@ import two_devices
 
 import optimizers
 import tasks
-from lodo.engine import Engine
+from lodo.experiment.engine import Engine
 from optimizers.lars import LARS
 from optimizers.yogi import Yogi
 

@@ -22,13 +22,12 @@ import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.path.insert(0, "tests")
 """
 
 
 def run(script: str, *args: str) -> list[dict]:
     """Run ``script`` on 2 logical CPUs; each RESULT line as a dict (``label`` for a bare word)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TF_CPP_MIN_LOG_LEVEL": "3"}  # tests' helper modules
     out = subprocess.run([sys.executable, "-c", PRELUDE + script, *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -3,7 +3,7 @@
 ``python -m lodo.run -m hydra/sweeper=ga task=rosenbrock optimizer=adam`` tunes
 the optimizer's ``tune:`` hyperparameters (``configs/optimizer/<name>.yaml``)
 with the task's schedule (``configs/hydra/sweeper/ga.yaml``). The algorithm
-itself is ``lodo.genetic``; this module only turns generations into jobs,
+itself is ``lodo.experiment.genetic``; this module only turns generations into jobs,
 jobs into scores, and keeps the sweep folder:
 
 - ``ga_state.json``: the search state, rewritten atomically after every
@@ -42,7 +42,7 @@ from hydra.types import HydraContext, TaskFunction
 
 # Defined outside this module: Hydra's plugin scan re-executes plugin modules in place, which would
 # make a new SweepError class that no earlier `except SweepError` could catch.
-from lodo.genetic import SweepError  # noqa: F401
+from lodo.experiment.genetic import SweepError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class GASweeper(Sweeper):
         return overrides
 
     def _schedule(self, task_name: str):
-        from lodo import genetic
+        from lodo.experiment import genetic
 
         name = self.schedule_name or self.schedule_of_task.get(task_name)
         if name is None:
@@ -158,7 +158,7 @@ class GASweeper(Sweeper):
             raise SweepError(f"GA schedule {name!r}: {err}") from None
 
     def _search_space(self, optimizer: DictConfig) -> dict:
-        from lodo import genetic
+        from lodo.experiment import genetic
 
         name = optimizer.get("name")
         space = self.search_space if self.search_space is not None else _plain(optimizer.get("tune"))
@@ -195,7 +195,7 @@ class GASweeper(Sweeper):
 
     # ------------------------------------------------------------------ sweep
     def _sweep(self, arguments: List[str]) -> Any:
-        from lodo import genetic, outputs
+        from lodo.experiment import genetic, outputs
         import tasks
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -329,7 +329,7 @@ class GASweeper(Sweeper):
         (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job
         trains one individual in ``gen_<g>/ind_<i>/``.
         """
-        from lodo import genetic
+        from lodo.experiment import genetic
 
         window = genetic.window_length(steps, self.score_window)
         log_every = math.gcd(steps, window)  # curve rows that tile the score window exactly
@@ -360,7 +360,7 @@ class GASweeper(Sweeper):
         """
         import pandas as pd
 
-        from lodo import genetic
+        from lodo.experiment import genetic
 
         path = Path(folder) / "curve.csv"
         if not path.is_file():
@@ -388,7 +388,7 @@ class GASweeper(Sweeper):
             f.write(f"{_now()} {line}\n")
 
     def _finish(self, state, keys, kinds, schedule, halve, task, optimizer, sweep_dir, install_target) -> dict:
-        from lodo import genetic, outputs
+        from lodo.experiment import genetic, outputs
 
         tuned = {k: genetic.from_search(v, kind) for k, v, kind in zip(keys, state["mean"], kinds)}
         halved = [k for k in keys if halve and k in self.rate_keys]
@@ -442,7 +442,7 @@ class GASweeper(Sweeper):
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from lodo import genetic
+        from lodo.experiment import genetic
 
         gens = state["generations"]
         fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.2 * (1 + len(keys)), 3.6), squeeze=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lodo.engine import Trace
+from lodo.experiment.engine import Trace
 
 
 def loss_at(trace: Trace, task, steps: int) -> dict:

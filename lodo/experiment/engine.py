@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from optimizers.base import EngineOptimizer, Oracle
+from lodo.functional import EngineOptimizer, Oracle
 from tasks.base import SmallTask
 
 

@@ -1,6 +1,6 @@
 """The image-task trainer: one Keras model per seed, any Keras optimizer, any ``tf.distribute`` strategy.
 
-Timing rules live here, once (as in ``lodo.engine`` for the small tasks): the
+Timing rules live here, once (as in ``lodo.experiment.engine`` for the small tasks): the
 clock runs only while compiled training steps run (read after their losses
 are on the host), never during compilation, validation, test evaluation or
 checkpointing. A run trains until it has done ``steps`` steps *and* (if set)
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lodo.engine import ChunkClock
-from lodo.run import ConfigError, options
+from lodo.experiment.engine import ChunkClock
+from lodo.experiment.cli import ConfigError, options
 
 FIRST_CHUNK = 2  # the first call compiles; keep it short so compilation is not mistaken for training time
 MAX_CHUNK = 100  # steps per compiled call at most: bounds the time-milestone and SIGTERM latency
@@ -217,8 +217,8 @@ def train_seed(cfg: DictConfig, task, strategy, seed: int, out_dir: Path) -> tup
     import tensorflow as tf
     from tqdm import tqdm
 
-    from lodo import preemption, provenance
-    from lodo.checkpoints import RunCheckpoint
+    from lodo.experiment import preemption, provenance
+    from lodo.experiment.checkpoints import RunCheckpoint
 
     steps, budget = cfg.steps, cfg.time_budget_s
     eval_every = cfg.get("eval_every") or max(1, steps // 20)
@@ -359,7 +359,7 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
         "at_steps": at_steps,
         **extra,
     }
-    from lodo import provenance
+    from lodo.experiment import provenance
 
     sharing = provenance.cpu_sharing([c for r in records for c in r.others_cpu])
     if sharing is not None:
@@ -406,7 +406,7 @@ def run_image_task(cfg: DictConfig, out_dir: Path) -> dict:
     seed, so a rerun skips it), ``checkpoints/``, ``tb/`` and the task's
     pictures (from the first seed).
     """
-    from lodo import distribute, outputs
+    from lodo.experiment import distribute, outputs
 
     _check_image_settings(cfg)
     try:

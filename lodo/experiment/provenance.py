@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FILENAME = "provenance.json"
 PACKAGES = ("tensorflow", "keras", "numpy", "hydra-core", "omegaconf", "tensorflow-datasets", "pandas", "scipy",
             "matplotlib", "hydra-joblib-launcher", "hydra-submitit-launcher", "submitit", "joblib")
@@ -170,7 +170,7 @@ def record(cfg) -> dict:
 def write(out_dir, cfg, **extra) -> dict:
     """Write ``provenance.json`` atomically; called again by the same process it updates its own
     record (e.g. with ``end_time``), while earlier attempts in the folder move to ``previous_attempts``."""
-    from lodo import outputs
+    from lodo.experiment import outputs
 
     path = Path(out_dir) / FILENAME
     key = str(path.resolve())

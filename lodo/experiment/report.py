@@ -24,9 +24,9 @@ from typing import Callable
 
 import pandas as pd
 
-from lodo.outputs import atomic_write_text, write_csv
+from lodo.experiment.outputs import atomic_write_text, write_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAPER_DIR = ROOT / "results" / "paper"
 
 # Row order of every table: the paper's order, LODO's ablations after LODO, references last.

@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from lodo import meta_optimizers
-from lodo.engine import Engine, Trace
-from optimizers.base import EngineOptimizer
+from lodo.experiment.engine import Engine, Trace
+from lodo.functional import EngineOptimizer
 
 
 class FrozenPreconditioner(EngineOptimizer):
@@ -86,7 +86,7 @@ def frozen_summary(task, trained: EngineOptimizer, seeds, steps: int, divergence
     Returns the summary and the full ``[steps, S]`` loss matrix (NaN after
     the run stopped because every seed had diverged).
     """
-    from lodo import metrics
+    from lodo.experiment import metrics
 
     engine, trace = run_frozen(task, trained, seeds, steps, chunk_size)
     losses = np.full((steps, len(seeds)), np.nan)
