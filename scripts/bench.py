@@ -25,7 +25,8 @@ import tasks
 from lodo.experiment.engine import Engine
 from lodo.experiment import provenance
 from lodo.experiment.outputs import atomic_write_text
-from lodo.experiment.cli import CONFIG_DIR, options
+from lodo.experiment import registry
+from lodo.experiment.cli import CONFIG_DIR
 
 IMAGE_BENCHES = ("The image tasks' step times (`make bench-images`, which `make bench` runs next): every optimizer of "
                  "Tables 2 and 3 on the PixelCNN at batch 256 in `results/bench_pixelcnn_mnist.md`, Table 4's on "
@@ -45,8 +46,8 @@ def throughput(name: str, steps: int, seeds: int, repeats: int) -> float:
     rates = []
     for _ in range(repeats):
         cfg = composed("noisy_quadratic_bowl", name)
-        task = tasks.build(cfg.task.name, **{k: v for k, v in options(cfg.task).items() if k != "steps"})
-        engine = Engine(task, optimizers.build(name, **options(cfg.optimizer)), range(seeds))
+        task = registry.build_task(cfg.task.name, **registry.task_options(cfg.task))
+        engine = Engine(task, registry.build_engine_optimizer(name, **registry.optimizer_options(cfg.optimizer)), range(seeds))
         trace = engine.run(steps)
         rates.append(seeds * trace.steps_done / trace.train_time_s)
     return statistics.median(rates)

@@ -209,7 +209,7 @@ def test_a_kill_never_leaves_a_truncated_csv_or_json(tmp_path):
     script.write_text(WRITER)
     versions = set()
     for _ in range(6):
-        writer = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(ROOT / "lodo" / "outputs.py")],
+        writer = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(ROOT / "lodo" / "experiment" / "outputs.py")],
                                   stdout=subprocess.PIPE, text=True)
         assert writer.stdout.readline().strip() == "writing"
         time.sleep(random.uniform(0.2, 1.5))

@@ -249,15 +249,14 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
     from tqdm import tqdm
 
     import optimizers
-    import tasks
-    from lodo.experiment import metrics, outputs
+    from lodo.experiment import metrics, outputs, registry
     from lodo.experiment.checkpoints import RunCheckpoint
     from lodo.experiment.engine import Engine, Trace
     from lodo.experiment.preemption import Preemption
 
     try:
-        task = tasks.build(cfg.task.name, **{k: v for k, v in options(cfg.task).items() if k != "steps"})
-        optimizer = optimizers.build(cfg.optimizer.name, **options(cfg.optimizer))
+        task = registry.build_task(cfg.task.name, **registry.task_options(cfg.task))
+        optimizer = registry.build_engine_optimizer(cfg.optimizer.name, **registry.optimizer_options(cfg.optimizer))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_seeds))
@@ -273,8 +272,8 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
             raise ConfigError(f"the frozen test needs an optimizer with a learned preconditioner (e.g. lodo), "
                               f"not {cfg.optimizer.name!r}")
         try:
-            task_options = {k: v for k, v in options(cfg.task).items() if k != "steps"}
-            frozen_task = tasks.build(cfg.task.name, **{**task_options, "problem_offset": frozen.problem_offset})
+            frozen_task = registry.build_task(cfg.task.name, **{**registry.task_options(cfg.task),
+                                                                 "problem_offset": frozen.problem_offset})
         except (TypeError, ValueError) as err:
             raise ConfigError(f"frozen test: {err}") from None
 
@@ -348,8 +347,8 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
     summary = {
         "task": cfg.task.name,
         "optimizer": cfg.optimizer.name,
-        "hyperparameters": options(cfg.optimizer),
-        "task_options": options(cfg.task),
+        "hyperparameters": registry.optimizer_options(cfg.optimizer),
+        "task_options": registry.task_options(cfg.task),
         "steps": final["steps"],
         "steps_done": trace.steps_done,
         "seeds": seeds,
@@ -522,8 +521,7 @@ def main(cfg: DictConfig) -> dict:
         validate(cfg)
         if cfg.get("gpu_per_job"):
             claim_gpu()
-        import tasks
-        from lodo.experiment import provenance
+        from lodo.experiment import provenance, registry
 
         if not (cfg.get("checkpoint") or {}).get("resume", True):
             start_fresh(out_dir)
@@ -532,7 +530,7 @@ def main(cfg: DictConfig) -> dict:
             if finished is not None:
                 print(f"already finished: {out_dir}", flush=True)
                 return finished
-        if tasks.is_image_task(cfg.task.name):
+        if registry.is_image_task(cfg.task.name):
             from lodo.experiment import distribute
 
             try:  # logical devices must exist before anything (provenance, determinism) starts TensorFlow
@@ -541,7 +539,7 @@ def main(cfg: DictConfig) -> dict:
                 raise ConfigError(str(err)) from None
         set_determinism(cfg)
         provenance.write(out_dir, cfg)
-        if tasks.is_image_task(cfg.task.name):
+        if registry.is_image_task(cfg.task.name):
             from lodo.experiment.trainer import run_image_task
 
             result = run_image_task(cfg, out_dir)

@@ -27,7 +27,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lodo.experiment.engine import ChunkClock
-from lodo.experiment.cli import ConfigError, options
+from lodo.experiment import registry
+from lodo.experiment.cli import ConfigError
 
 FIRST_CHUNK = 2  # the first call compiles; keep it short so compilation is not mistaken for training time
 MAX_CHUNK = 100  # steps per compiled call at most: bounds the time-milestone and SIGTERM latency
@@ -71,14 +72,13 @@ def _check_image_settings(cfg: DictConfig) -> None:
 
 def build_task(cfg: DictConfig):
     """The task of ``cfg`` with its data loaded, or a one-line ConfigError."""
-    import tasks
     from tasks.image_base import DataError
 
-    task_options = {k: v for k, v in options(cfg.task).items() if k != "steps"}
+    task_options = registry.task_options(cfg.task)
     if cfg.get("max_batch_size") and "batch_size" in task_options:
         task_options["batch_size"] = min(task_options["batch_size"], cfg.max_batch_size)
     try:
-        task = tasks.build(cfg.task.name, **task_options, test_size=cfg.get("test_size"))
+        task = registry.build_task(cfg.task.name, **task_options, test_size=cfg.get("test_size"))
         task.load()
     except DataError as err:
         raise ConfigError(str(err)) from None
@@ -88,10 +88,8 @@ def build_task(cfg: DictConfig):
 
 
 def build_optimizer(cfg: DictConfig, seed: int):
-    from optimizers import model_optimizers
-
     try:
-        return model_optimizers.build(cfg.optimizer.name, seed=seed, **options(cfg.optimizer))
+        return registry.build_keras_optimizer(cfg.optimizer.name, seed=seed, **registry.optimizer_options(cfg.optimizer))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
@@ -342,8 +340,8 @@ def summarize(cfg: DictConfig, task, records: list[SeedRecord], extra: dict) -> 
     summary = {
         "task": cfg.task.name,
         "optimizer": cfg.optimizer.name,
-        "hyperparameters": options(cfg.optimizer),
-        "task_options": options(cfg.task),
+        "hyperparameters": registry.optimizer_options(cfg.optimizer),
+        "task_options": registry.task_options(cfg.task),
         "steps": cfg.steps,
         "seeds": seeds,
         "loss_final_mean": at_steps.get("train_loss_mean"),
