@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-CONFIG_DIR = Path(str(importlib.resources.files("lodo_configs")))
+from lodo.experiment.registry import CONFIG_DIR  # noqa: E402
 CHECKED_GROUPS = ("task", "optimizer", "experiment", "distribute", "scale")
 TRAJECTORY_MAX_PARAMS = 10  # record_trajectory=null saves trajectory.csv up to this many parameters
 

@@ -39,7 +39,22 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(str(importlib.resources.files("lodo_configs")))
+
+
+def _config_dir() -> Path:
+    """The Hydra configs: the installed package ``lodo_configs`` (a wheel), else a checkout's ``configs/``.
+
+    An editable install is a path entry for the checkout (``editable_mode=compat``): Hydra finds the GA
+    sweeper by listing the ``hydra_plugins`` folder, which setuptools' strict editable finder hides, and
+    the configs are then the checkout's own folder, where the tuner also installs tuned files.
+    """
+    try:
+        return Path(str(importlib.resources.files("lodo_configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 OPTIMIZER_META_KEYS = ("name", "label", "order", "keras", "engine", "per_seed", "tune")
 TASK_META_KEYS = ("name", "label", "class", "ga_schedule", "steps")
