@@ -116,3 +116,16 @@ def test_the_optimizer_library_needs_no_experiment_tooling():
         if layer(name) == "library":
             found += [f"{name} imports {m}" for m in imported_names(path, name) if m.split(".")[0] in foreign]
     assert found == []
+
+
+def test_every_config_folder_ships_in_the_wheel():
+    """pyproject.toml lists the configs/ folders one by one (setuptools ships a folder it is told about)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(("lodo_configs", *p.relative_to(ROOT / "configs").parts)).rstrip(".")
+               for p in (ROOT / "configs").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    folders.add("lodo_configs")
+    assert folders <= set(setup["packages"])
+    with_yaml = {f for f in folders if any((ROOT / "configs" / Path(*f.split(".")[1:])).glob("*.yaml"))}
+    assert with_yaml == {k for k, v in setup["package-data"].items() if k.startswith("lodo_configs") and "*.yaml" in v}
