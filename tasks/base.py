@@ -71,6 +71,9 @@ class SmallTask:
         """Steps [start, stop) whose mean training loss is the reported figure (last 1%)."""
         return steps_done - max(1, steps_done // 100), steps_done
 
+    # How the run's summary names ``optimum_loss`` (None: not printed, e.g. a minimum of 0 that says nothing).
+    optimum_label: str | None = None
+
     def optimum_loss(self) -> float | None:
         """The analytic best expected loss, where one is known."""
         return None

@@ -30,6 +30,7 @@ class NoisyQuadraticBowl(SmallTask):
     """L(θ) = ½(θ − c)ᵀH(θ − c), H = U diag(λ) Uᵀ, with c ← c + ξ, ξ ~ N(0, σ²I), per batch."""
 
     name = "noisy_quadratic_bowl"
+    optimum_label = "analytic optimum ½·tr(H)·σ² (Newton)"
 
     def __init__(self, dim=100, noise_variance=1.0, eig_min=0.001, eig_max=1.0, steps=100_000, problem_offset=0):
         if dim < 1:
