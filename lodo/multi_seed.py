@@ -12,8 +12,7 @@ with the i-th values.
 from __future__ import annotations
 
 from lodo import ablations, algorithm, meta_optimizers
-from optimizers import is_per_seed, seed_values
-from lodo.functional import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer, is_per_seed, seed_values
 
 
 def _per_seed_or_float(value):
