@@ -188,6 +188,21 @@ def test_keras_lodo_config_round_trips_and_rejects_bad_shapes():
     assert LODO(meta_lr=0.0).meta_lr == 0.0  # a frozen preconditioner is a valid control run
 
 
+def test_frozen_meta_optimizer_keeps_phi_even_when_the_hypergradient_overflows():
+    """A diverging run's gradient is inf; φ must stay bit for bit (Adam or SGD at rate 0 would make 0·inf = nan)."""
+    pre, weights, constants = random_state(6, seeds=(2,), num_layers=3)
+    state = algorithm.LODOState(weights, constants, tf.ones([1, 6], tf.float64), ())
+    grad = tf.constant([[np.inf, -np.inf, 1.0, 2.0, 3.0, 4.0]], tf.float64)
+    step, new = algorithm.update(state, grad, alpha=0.3, beta=0.5, preconditioner=pre,
+                                 meta_optimizer=meta_optimizers.Frozen())
+    for before, after in zip(weights, new.weights):
+        np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(new.momentum, 0.5 * np.ones([1, 6]) + 0.5 * grad.numpy())
+    hyper = pre.hypergradient(weights, constants, 0.3, state.momentum, grad)
+    zero_rate, _ = meta_optimizers.SGD(0.0).update(weights, hyper, ())
+    assert np.isnan(zero_rate[0].numpy()).any()  # why Frozen exists
+
+
 def test_memory_is_n_log_n_not_n_squared():
     """n = 10⁵: every tensor in one compiled LODO update is O(N·ñ·k); an n×n one would be 10¹⁰ entries."""
     n = 100_000
