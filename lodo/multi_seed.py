@@ -35,9 +35,9 @@ def _describe(cls, variant: variants.Variant):
     keywords = variant.hyperparameters()
     cls.variant, cls.name = variant, variant.name
     cls.__signature__ = variants.signature(keywords)
-    cls.__doc__ = variant.docstring(f"S independent copies of {variant.label}, one per seed, each with its own random draws. "
-                                    f"{variant.summary} initial_lr, meta_lr and beta may also be lists, one value "
-                                    f"per seed.", keywords)
+    cls.__doc__ = variant.docstring(f"S independent copies of {variant.label}, one per seed, each with its own "
+                                    f"random draws. {variant.summary} initial_lr, meta_lr and beta may also be "
+                                    f"lists, one value per seed.", keywords)
     return cls
 
 

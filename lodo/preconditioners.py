@@ -214,7 +214,7 @@ class BlockPermutation:
     """
 
     # The fields are hyperparameters of the optimizers built on this preconditioner; "doc" describes them there.
-    num_layers: int = field(default=16, metadata={"doc": "N, the number of block-permutation layers of G̃ (Equation 2)."})
+    num_layers: int = field(default=16, metadata={"doc": "N, the number of block-permutation layers of G̃ (Eq. 2)."})
     block_size: int = field(default=4, metadata={"doc": "k, the size of G̃'s blocks (ñ is a multiple of k)."})
     per_seed_alpha = False  # a class attribute, not a field: α0 is applied as one scalar
 
@@ -268,7 +268,7 @@ class BlockPermutation:
 
 @dataclass(frozen=True)
 class Diagonal:
-    """LODO-Diagonal's G = α0·diag(φ), φ ∈ Rⁿ initialized to ones (an Amid et al. 2022 style learned diagonal)."""
+    """LODO-Diagonal's G = α0·diag(φ), φ ∈ Rⁿ initialized to ones (an Amid et al. 2022 style diagonal)."""
 
     per_seed_alpha = True
 
@@ -287,7 +287,8 @@ class Diagonal:
 
 @dataclass(frozen=True)
 class Global:
-    """LODO-Global's G = α0·φ·I, one scalar φ per seed initialized to 1 (hypergradient descent, Baydin et al. 2017)."""
+    """LODO-Global's G = α0·φ·I, one scalar φ per seed initialized to 1 (Baydin et al. 2017's hypergradient
+    descent)."""
 
     per_seed_alpha = True
 
