@@ -1,4 +1,4 @@
-"""Adam, Momentum (heavy ball) and RMSprop: Keras's own classes on the engine's ``[S, n]`` variable.
+"""Adam, Momentum (heavy ball) and RMSprop on the multi-seed engine: Keras's own classes on its ``[S, n]`` variable.
 
 Their rules are element-wise, so one Keras optimizer on the stacked variable
 treats every seed independently and exactly.
@@ -133,3 +133,8 @@ def rmsprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7):
         hp = dict(learning_rate=learning_rate, rho=rho, momentum=momentum, epsilon=epsilon)
         return PerSeedRule("rmsprop", hp, 2, rmsprop_rule)
     return KerasOptimizer("rmsprop", keras.optimizers.RMSprop(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon))
+
+
+def keras_momentum_ema(learning_rate=0.01, momentum=0.9):
+    """``momentum_ema`` for a model: Keras's SGD with rate lr·(1 − μ) (see ``momentum_ema``)."""
+    return keras.optimizers.SGD(learning_rate * (1 - momentum), momentum=momentum, nesterov=False)

@@ -75,7 +75,7 @@ def yogi_rule(h, count, slots, g, rate):
     """``Yogi.update_step`` with ``[S, 1]`` hyperparameter columns, in the same order of operations."""
     m, v = slots
     dtype = g.dtype
-    b1, b2 = tf.constant(h["beta_1"], dtype), tf.constant(h["beta_2"], dtype)
+    b1 = tf.constant(h["beta_1"], dtype)
     g2 = tf.square(g)
     m_new = b1 * m + tf.constant(1.0 - h["beta_1"], dtype) * g
     v_new = v - tf.constant(1.0 - h["beta_2"], dtype) * tf.sign(v - g2) * g2

@@ -20,8 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import tensorflow as tf
 
-import optimizers
-import tasks
 from lodo.experiment.engine import Engine
 from lodo.experiment import provenance
 from lodo.experiment.outputs import atomic_write_text
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--optimizers", default=",".join(optimizers.REGISTRY),
+    parser.add_argument("--optimizers", default=",".join(n for n in registry.names("optimizer") if registry.optimizer(n).runs_on_small_tasks),
                         help="comma-separated config names (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench.md")
     args = parser.parse_args(argv)

@@ -83,9 +83,9 @@ def run_child(spec: dict) -> dict:
 
     batch = spec["batch"]
     if spec["model"] == "resnet18":
-        import tasks
+        from lodo.experiment import registry
 
-        task = tasks.build("resnet18_cifar10", data={"source": "synthetic"}, batch_size=batch)
+        task = registry.build_task("resnet18_cifar10", data={"source": "synthetic"}, batch_size=batch)
         model = task.build_model(0)
         x, y = task.train_batch(0, tf.constant(0, tf.int64))
         loss_fn = lambda logits: tf.reduce_mean(task.per_example_loss(y, logits)) + task.regularization(model)

@@ -30,10 +30,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tasks
 from lodo import LODO
 from lodo.experiment import provenance
 from lodo.experiment.outputs import atomic_write_text
+from lodo.experiment import registry
 
 # The image-generation values of the paper's Table 6 (SPEC §4.2); they do not change the timing.
 LODO_HP = dict(initial_lr=0.08459 / 2, meta_lr=7.946e-6, beta=0.9343)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
 
-    task = tasks.build(args.task, data={"source": "synthetic"}, batch_size=args.batch)
+    task = registry.build_task(args.task, data={"source": "synthetic"}, batch_size=args.batch)
     batch = task.train_batch(0, tf.constant(0, tf.int64))
     load_before = os.getloadavg()
     names = ["adam", "lodo"] + (["lodo_reference"] if args.reference else [])

@@ -2,22 +2,18 @@
 differences, the pinned hyperparameters, and both front ends."""
 
 import inspect
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 
-import optimizers
-import tasks
 import lodo
 from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, variants
 from lodo import preconditioners as pc
 from lodo.experiment.engine import Engine
+from lodo.experiment import registry
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "optimizer"
 SEEDS = [3, 11]
 ALPHA = 0.3
 
@@ -160,9 +156,12 @@ FRONT_ENDS = {  # small networks: LODO's unrolled block network compiles slowly
 
 @pytest.mark.parametrize("variant", variants.VARIANTS, ids=lambda v: v.name)
 def test_both_front_ends_are_generated_from_the_variant_table(variant):
-    """Each row is a registered Keras class and an engine class with the row's keywords and defaults:
-    the preconditioner's fields, less the pinned hyperparameters (and the Keras-only seed, name, plan)."""
-    keras_cls, engine_cls = getattr(lodo, variant.class_name), optimizers.factory(variant.name)
+    """Each row is a registered Keras class and an engine class (the ones its YAML names) with the row's
+    keywords and defaults: the preconditioner's fields, less the pinned hyperparameters (and the
+    Keras-only seed, name, plan)."""
+    entry = registry.optimizer(variant.name)
+    keras_cls, engine_cls = (registry.resolve(entry.keras, "keras"), registry.resolve(entry.engine, "engine"))
+    assert keras_cls is getattr(lodo, variant.class_name) and entry.label == variant.label
     assert keras_cls.__name__ == variant.class_name and engine_cls.__name__ == "MultiSeed" + variant.class_name
     assert keras.saving.get_registered_object(f"lodo>{variant.class_name}") is keras_cls
     assert issubclass(keras_cls, LODO) and keras_cls.variant is variant and engine_cls.variant is variant
@@ -194,9 +193,9 @@ def test_variant_defaults_are_the_papers():
 
 @pytest.mark.parametrize("name", sorted(FRONT_ENDS))
 def test_config_lists_every_hyperparameter_with_the_class_defaults(name):
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    assert config.pop("name") == name
-    engine_defaults = {k: p.default for k, p in inspect.signature(optimizers.factory(name)).parameters.items()}
+    entry = registry.optimizer(name)
+    config = entry.defaults
+    engine_defaults = {k: p.default for k, p in inspect.signature(registry.resolve(entry.engine, name)).parameters.items()}
     assert config == engine_defaults
     keras_defaults = {k: p.default for k, p in inspect.signature(FRONT_ENDS[name][0]).parameters.items()}
     assert all(keras_defaults[k] == v for k, v in config.items())
@@ -205,10 +204,10 @@ def test_config_lists_every_hyperparameter_with_the_class_defaults(name):
 @pytest.mark.parametrize("name", sorted(FRONT_ENDS))
 def test_engine_ablation_matches_its_keras_front_end_and_trains_the_bowl(float64_keras, name):
     keras_cls, hp = FRONT_ENDS[name]
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    optimizer = optimizers.build(name, **{k: v for k, v in dict(config, **hp).items() if k != "name"})
+    config = registry.optimizer(name).defaults
+    optimizer = registry.build_engine_optimizer(name, **dict(config, **hp))
     assert optimizer.name == name and type(optimizer).__name__ == "MultiSeed" + keras_cls.__name__
-    bowl = tasks.build("noisy_quadratic_bowl", dim=20)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=20)
     engine = Engine(bowl, optimizer, [3, 5], chunk_size=100)
     trace = engine.run(25, hessian_every=25)
 
@@ -225,7 +224,7 @@ def test_engine_ablation_matches_its_keras_front_end_and_trains_the_bowl(float64
 
 
 def test_no_momentum_is_lodo_with_beta_zero(float64_keras):
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     hp = dict(initial_lr=0.27, meta_lr=0.01, num_layers=3)
     expected, _ = keras_bowl_trajectory(LODO(**hp, beta=0.0, seed=2), bowl, 2, 15)
     theta, states = keras_bowl_trajectory(LODONoMomentum(**hp, seed=2), bowl, 2, 15)
@@ -235,7 +234,7 @@ def test_no_momentum_is_lodo_with_beta_zero(float64_keras):
 
 
 def test_lodo_sgd_meta_step_is_plain_gradient_descent(float64_keras):
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     hp = dict(initial_lr=0.27, meta_lr=1e-3, beta=0.3, num_layers=3)
     expected, _ = keras_bowl_trajectory(LODO(**hp, meta_optimizer="sgd", seed=2), bowl, 2, 15)
     theta, states = keras_bowl_trajectory(LODOSGD(**hp, seed=2), bowl, 2, 15)

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import optimizers
-import tasks
 from lodo import LODO
 from lodo.experiment import metrics
 from lodo.experiment.checkpoints import RunCheckpoint
 from lodo.experiment.engine import Engine, Trace
 from lodo.multi_seed import MultiSeedLODO
 from reference import numpy_bowl
+from lodo.experiment import registry
 
 
 def bowl_reference(bowl, seed, steps, update):
@@ -20,14 +19,14 @@ def bowl_reference(bowl, seed, steps, update):
 
 
 def engine_params(name, seeds, steps, task=None, **hp):
-    task = task or tasks.build("noisy_quadratic_bowl", dim=12)
-    engine = Engine(task, optimizers.build(name, **hp), seeds, chunk_size=steps)
+    task = task or registry.build_task("noisy_quadratic_bowl", dim=12)
+    engine = Engine(task, registry.build_engine_optimizer(name, **hp), seeds, chunk_size=steps)
     trace = engine.run(steps)
     return engine.params.numpy(), trace
 
 
 def test_keras_optimizers_in_the_engine_match_numpy_per_seed():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     lr = float(np.float32(0.3))  # Keras keeps the learning rate in float32
 
     def adam(b1=0.5, b2=0.99, eps=1e-7):
@@ -72,8 +71,8 @@ def test_keras_optimizers_in_the_engine_match_numpy_per_seed():
 
 
 def test_newton_jumps_to_the_current_center_and_reaches_the_analytic_optimum():
-    bowl = tasks.build("noisy_quadratic_bowl")
-    engine = Engine(bowl, optimizers.build("newton"), range(8), chunk_size=500)
+    bowl = registry.build_task("noisy_quadratic_bowl")
+    engine = Engine(bowl, registry.build_engine_optimizer("newton"), range(8), chunk_size=500)
     trace = engine.run(2000)
     center = engine.batch_state.numpy()
     np.testing.assert_allclose(engine.params.numpy(), center, atol=1e-8)
@@ -82,7 +81,7 @@ def test_newton_jumps_to_the_current_center_and_reaches_the_analytic_optimum():
 
 
 def test_keras_front_end_and_engine_follow_the_same_trajectory(float64_keras):
-    bowl = tasks.build("noisy_quadratic_bowl", dim=20)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=20)
     hp = dict(initial_lr=0.27, meta_lr=0.01, beta=0.3, num_layers=6, block_size=4)
     engine = Engine(bowl, MultiSeedLODO(**hp), [3, 5], chunk_size=40)
     engine.run(40)
@@ -100,8 +99,8 @@ def test_keras_front_end_and_engine_follow_the_same_trajectory(float64_keras):
 
 
 def test_lodo_beats_momentum_sgd_early_and_tracks_hessian_error():
-    bowl = tasks.build("noisy_quadratic_bowl")
-    engine = Engine(bowl, optimizers.build("lodo"), [0, 1], chunk_size=500)
+    bowl = registry.build_task("noisy_quadratic_bowl")
+    engine = Engine(bowl, registry.build_engine_optimizer("lodo"), [0, 1], chunk_size=500)
     trace = engine.run(3000, hessian_every=1500)
     errors = [e for _, _, e in trace.hessian_errors]
     assert len(errors) == 3 and np.all(errors[-1] < errors[0])  # the preconditioner learns
@@ -109,19 +108,19 @@ def test_lodo_beats_momentum_sgd_early_and_tracks_hessian_error():
 
 
 def test_divergence_is_recorded_per_seed_without_stopping_the_others():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=10)
-    engine = Engine(bowl, optimizers.build("momentum", learning_rate=50.0, momentum=0.9), [0, 1], chunk_size=400)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
+    engine = Engine(bowl, registry.build_engine_optimizer("momentum", learning_rate=50.0, momentum=0.9), [0, 1], chunk_size=400)
     trace = engine.run(400)
     result = metrics.loss_at(trace, bowl, 400)
     assert result["diverged"] == 2 and np.isnan(result["loss_mean"])
-    engine = Engine(bowl, optimizers.build("momentum", learning_rate=0.5, momentum=0.5), [0, 1], chunk_size=400)
+    engine = Engine(bowl, registry.build_engine_optimizer("momentum", learning_rate=0.5, momentum=0.5), [0, 1], chunk_size=400)
     result = metrics.loss_at(engine.run(400), bowl, 400)
     assert result["diverged"] == 0 and np.isfinite(result["loss_mean"])
 
 
 def test_time_budget_extends_the_run_and_is_reported_separately():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=10)
-    engine = Engine(bowl, optimizers.build("adam"), [0], chunk_size=100)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
+    engine = Engine(bowl, registry.build_engine_optimizer("adam"), [0], chunk_size=100)
     trace = engine.run(100, time_budget_s=0.5)
     assert trace.steps_done > 100 and trace.train_time_s >= 0.5
     within = trace.steps_within(0.5)
@@ -130,8 +129,8 @@ def test_time_budget_extends_the_run_and_is_reported_separately():
 
 
 def test_learning_curve_windows_are_means_of_the_per_step_losses():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=10)
-    engine = Engine(bowl, optimizers.build("adam"), [4, 6], chunk_size=70)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
+    engine = Engine(bowl, registry.build_engine_optimizer("adam"), [4, 6], chunk_size=70)
     trace = engine.run(250)
     curve = metrics.learning_curve(trace, log_every=100)
     losses = trace.loss_matrix()
@@ -148,11 +147,11 @@ def test_learning_curve_windows_are_means_of_the_per_step_losses():
     ("rosenbrock", "yogi", {}),  # a recorded trajectory
 ])
 def test_stop_after_a_chunk_checkpoint_restore_and_continue_bit_for_bit(tmp_path, task_name, optimizer_name, hp):
-    task = tasks.build(task_name, **({"dim": 8} if task_name == "noisy_quadratic_bowl" else {}))
+    task = registry.build_task(task_name, **({"dim": 8} if task_name == "noisy_quadratic_bowl" else {}))
     record = task_name == "rosenbrock"
 
     def engine():
-        return Engine(task, optimizers.build(optimizer_name, **hp), [3, 4], chunk_size=10, record_params=record)
+        return Engine(task, registry.build_engine_optimizer(optimizer_name, **hp), [3, 4], chunk_size=10, record_params=record)
 
     whole = engine()
     reference = whole.run(60, hessian_every=20)

@@ -18,12 +18,11 @@ import tensorflow as tf
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
-import optimizers
-import tasks
 from lodo.experiment import metrics
 from lodo.experiment.engine import Engine
 from lodo.experiment.frozen import growth_rate
 from lodo.experiment.cli import CONFIG_DIR, ConfigError, run_small_task
+from lodo.experiment import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -51,7 +50,7 @@ def test_table7_config_sweeps_optimizers_and_five_log_spaced_variances():
     assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweep.dir == "runs/table7"
     assert cfg.hydra.sweep.subdir == "adam_0.1"
     assert set(sweep(cfg, "optimizer")) == {"adam", "momentum", "rmsprop", "yogi", "lodo"}  # Newton: its own sweep
-    assert set(sweep(cfg, "optimizer")) <= set(optimizers.REGISTRY)
+    assert set(sweep(cfg, "optimizer")) <= set(registry.names("optimizer"))
     variances = np.array([float(v) for v in sweep(cfg, "task.noise_variance")])
     assert len(variances) == 5 and 1.0 in variances
     np.testing.assert_allclose(np.diff(np.log10(variances)), np.log10(variances[1] / variances[0]))
@@ -76,8 +75,8 @@ def test_frozen_and_table8_configs():
 
 
 def test_problem_offset_draws_a_new_bowl_and_offset_zero_keeps_the_old_one():
-    old, new = tasks.build("noisy_quadratic_bowl", dim=5), tasks.build("noisy_quadratic_bowl", dim=5, problem_offset=1)
-    same = tasks.build("noisy_quadratic_bowl", dim=5, problem_offset=0)
+    old, new = registry.build_task("noisy_quadratic_bowl", dim=5), registry.build_task("noisy_quadratic_bowl", dim=5, problem_offset=1)
+    same = registry.build_task("noisy_quadratic_bowl", dim=5, problem_offset=0)
     np.testing.assert_array_equal(old.hessian_matrix(3), same.hessian_matrix(3))
     assert np.abs(old.hessian_matrix(3) - new.hessian_matrix(3)).max() > 0.1
     np.testing.assert_allclose(np.linalg.eigvalsh(new.hessian_matrix(3)), old.eigenvalues, rtol=1e-9)
@@ -85,7 +84,7 @@ def test_problem_offset_draws_a_new_bowl_and_offset_zero_keeps_the_old_one():
     moves = [t.next_batch(t.setup([3]), tf.zeros([1, 5], tf.float64), step).numpy() for t in (old, new)]
     assert np.abs(moves[0] - moves[1]).max() > 1e-3
     with pytest.raises(ValueError, match="problem_offset"):
-        tasks.build("noisy_quadratic_bowl", problem_offset=-1)
+        registry.build_task("noisy_quadratic_bowl", problem_offset=-1)
 
 
 def test_divergence_steps():
@@ -143,7 +142,7 @@ def test_frozen_run_records_divergence_and_matches_numpy(tmp_path, capsys):
 
     # The same steps in NumPy on the new bowl: θ ← θ − α0·H(θ − c), with the task's own center walk.
     curve = pd.read_csv(run_dir / "frozen_curve.csv")
-    new_bowl = tasks.build("noisy_quadratic_bowl", dim=dim, problem_offset=1)
+    new_bowl = registry.build_task("noisy_quadratic_bowl", dim=dim, problem_offset=1)
     for j, seed in enumerate(cfg_seeds := [0, 1]):
         problem = new_bowl.setup([seed])
         hess = new_bowl.hessian_matrix(seed)
@@ -188,10 +187,10 @@ def test_rosenbrock_trajectory_and_table8_report(tmp_path, capsys):
     np.testing.assert_array_equal(first, [[-0.5, 2.0], [-0.5, 2.0]])
 
     # The same run again, engine only: its parameters after the last step are the trajectory's last row.
-    task = tasks.build("rosenbrock")
+    task = registry.build_task("rosenbrock")
     hp = dict(composed("task=rosenbrock", "optimizer=momentum").optimizer)
     hp.pop("name")
-    engine = Engine(task, optimizers.build("momentum", **hp), [0, 1], chunk_size=30)
+    engine = Engine(task, registry.build_engine_optimizer("momentum", **hp), [0, 1], chunk_size=30)
     engine.run(30)
     last = points[points.step == 30].sort_values("seed")[["theta_0", "theta_1"]].to_numpy()
     np.testing.assert_allclose(last, engine.params.numpy(), rtol=1e-7)

@@ -11,6 +11,7 @@ import tasks
 from tasks import data
 from tasks.pixelcnn_mnist import PixelCNNMNIST
 from tasks.resnet18_cifar10 import ResNet18CIFAR10, augment
+from lodo.experiment import registry
 
 SYNTHETIC = {"source": "synthetic"}
 CONFIGS = tasks.__file__.replace("tasks/__init__.py", "configs/task")
@@ -336,8 +337,8 @@ def test_resnet_evaluate_matches_numpy(resnet):
 @pytest.mark.parametrize("name", ["pixelcnn_mnist", "resnet18_cifar10"])
 def test_tasks_build_from_their_yaml(name):
     options = OmegaConf.to_container(OmegaConf.load(f"{CONFIGS}/{name}.yaml"))
-    assert options.pop("name") == name and options.pop("steps") == tasks.build(name, test_size=None).steps
-    task = tasks.build(name, **options, test_size=None)
+    assert options.pop("name") == name and options.pop("steps") == registry.build_task(name, test_size=None).steps
+    task = registry.build_task(name, **options, test_size=None)
     assert task.name == name and task.batch_size == {"pixelcnn_mnist": 256, "resnet18_cifar10": 2048}[name]
 
 
@@ -354,5 +355,5 @@ def test_tasks_build_from_their_yaml(name):
 ])
 def test_bad_options_are_one_line_errors(name, options, words):
     with pytest.raises(ValueError, match=words) as err:
-        tasks.build(name, **options)
+        registry.build_task(name, **options)
     assert "\n" not in str(err.value)

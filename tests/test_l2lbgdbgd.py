@@ -8,11 +8,10 @@ import pytest
 import tensorflow as tf
 import yaml
 
-import optimizers
-import tasks
 from lodo.experiment.engine import Engine
 from optimizers import l2lbgdbgd
 from reference import numpy_bowl
+from lodo.experiment import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,11 +97,11 @@ def test_engine_follows_the_numpy_rule_per_seed(tmp_path):
     weights = random_weights(arch, 3)
     path = tmp_path / "w.npz"
     l2lbgdbgd.save(path, weights, arch)
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     expected = [bowl_reference(bowl, s, 8, np_optimizer(weights, arch, 12)) for s in (2, 7)]
     assert np.abs(expected[0]).max() > 0.5  # it moved
     for dtype, rtol in (("float64", 1e-10), ("float32", 2e-5)):
-        engine = Engine(bowl, optimizers.build("l2lbgdbgd", weights=str(path), compute_dtype=dtype), [2, 7],
+        engine = Engine(bowl, registry.build_engine_optimizer("l2lbgdbgd", weights=str(path), compute_dtype=dtype), [2, 7],
                         chunk_size=8)
         engine.run(8)
         np.testing.assert_allclose(engine.params.numpy(), np.stack(expected), rtol=rtol, atol=rtol, err_msg=dtype)
@@ -111,11 +110,11 @@ def test_engine_follows_the_numpy_rule_per_seed(tmp_path):
 def test_missing_weights_give_one_line_error(tmp_path):
     missing = tmp_path / "nowhere.npz"
     with pytest.raises(ValueError) as err:
-        optimizers.build("l2lbgdbgd", weights=str(missing))
+        registry.build_engine_optimizer("l2lbgdbgd", weights=str(missing))
     message = str(err.value)
     assert "\n" not in message and str(missing) in message and "make meta-train-l2l" in message
     with pytest.raises(ValueError, match="compute_dtype"):
-        optimizers.build("l2lbgdbgd", compute_dtype="float16")
+        registry.build_engine_optimizer("l2lbgdbgd", compute_dtype="float16")
 
 
 def test_weights_round_trip(tmp_path):
@@ -140,7 +139,7 @@ def test_tiny_meta_training_learns_and_its_weights_drive_the_engine(tmp_path):
     again, _, _ = script.meta_train(script.parse_args(flags), log=lambda line: None)
     for name in l2lbgdbgd.WEIGHT_NAMES:  # seeded and deterministic
         np.testing.assert_array_equal(again[name], weights[name])
-    engine = Engine(tasks.build("noisy_quadratic_bowl", dim=10), optimizers.build("l2lbgdbgd", weights=str(out)),
+    engine = Engine(registry.build_task("noisy_quadratic_bowl", dim=10), registry.build_engine_optimizer("l2lbgdbgd", weights=str(out)),
                     [0, 1], chunk_size=50)
     assert np.isfinite(engine.run(50).loss_matrix()).all()
 
@@ -148,7 +147,7 @@ def test_tiny_meta_training_learns_and_its_weights_drive_the_engine(tmp_path):
 def test_shipped_weights_come_from_the_make_target_defaults():
     config = yaml.safe_load((ROOT / "configs" / "optimizer" / "l2lbgdbgd.yaml").read_text())
     assert config.pop("name") == "l2lbgdbgd"
-    optimizer = optimizers.build("l2lbgdbgd", **config)
+    optimizer = registry.build_engine_optimizer("l2lbgdbgd", **config)
     assert optimizer.weights_path == ROOT / "optimizers" / "weights" / "l2lbgdbgd_bowl.npz"
     defaults = vars(load_script().parse_args([]))
     for key, value in optimizer.info.items():

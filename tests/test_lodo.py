@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tasks
 from lodo import LODO, algorithm, meta_optimizers
 from lodo import preconditioners as pc
+from lodo.experiment import registry
 
 
 def random_state(n, seeds=(0, 1), num_layers=5, block_size=4, perturb=0.3):
@@ -87,7 +87,7 @@ def test_one_gradient_per_step_equals_backprop_through_the_step(float64_keras):
     Keras's own Adam cannot serve here: it rounds β through float32 in its
     bias correction, which moves the trajectory by ~1e-7.
     """
-    bowl = tasks.build("noisy_quadratic_bowl", dim=10)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
     problem = bowl.setup([4])
     alpha, beta, meta_lr, steps = 0.3, 0.6, 0.01, 50
     pre = pc.BlockPermutation(num_layers=4, block_size=4)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import optimizers
-import tasks
 from lodo.experiment.engine import Engine
+from lodo.experiment import registry
 
 SEEDS = [3, 5]
 STEPS = 200
@@ -43,7 +42,7 @@ SHARED = {  # same per-seed code as the case named
 
 
 def run(name, seeds, hp, task):
-    engine = Engine(task, optimizers.build(name, **hp), seeds, chunk_size=STEPS)
+    engine = Engine(task, registry.build_engine_optimizer(name, **hp), seeds, chunk_size=STEPS)
     trace = engine.run(STEPS)
     return trace.loss_matrix(), engine.params.numpy()
 
@@ -53,22 +52,22 @@ def seed_hp(hp, i):
 
 
 def test_every_tunable_small_task_optimizer_takes_per_seed_lists():
-    assert set(CASES) | set(SHARED) == optimizers.PER_SEED
+    assert set(CASES) | set(SHARED) == {n for n in registry.names("optimizer") if registry.optimizer(n).per_seed}
     for name, (same_as, hp) in SHARED.items():
-        optimizer = optimizers.build(name, **hp)
-        tested = optimizers.build(same_as, **CASES[same_as])
+        optimizer = registry.build_engine_optimizer(name, **hp)
+        tested = registry.build_engine_optimizer(same_as, **CASES[same_as])
         assert isinstance(optimizer, type(tested)) or isinstance(tested, type(optimizer))  # one class family
         optimizer.build(tf.Variable(tf.zeros([2, 3], tf.float64)), SEEDS)
-    ema = optimizers.build("momentum_ema", **SHARED["momentum_ema"][1])
+    ema = registry.build_engine_optimizer("momentum_ema", **SHARED["momentum_ema"][1])
     ema.build(tf.Variable(tf.zeros([2, 3], tf.float64)), SEEDS)
     # Heavy ball with rate lr·(1 − μ), computed in float64 as the scalar path does before Keras stores it.
     assert ema.columns["heavy_ball_rate"][:, 0].tolist() == [0.9 * (1 - 0.0), 1.3 * (1 - 0.95)]
-    assert optimizers.build("lodo_no_momentum", **SHARED["lodo_no_momentum"][1]).beta == 0.0
+    assert registry.build_engine_optimizer("lodo_no_momentum", **SHARED["lodo_no_momentum"][1]).beta == 0.0
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_per_seed_run_equals_scalar_runs_seed_by_seed(name):
-    bowl = tasks.build("noisy_quadratic_bowl", dim=10)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
     hp = CASES[name]
     losses, params = run(name, SEEDS, hp, bowl)
     assert np.isfinite(losses).all()
@@ -80,7 +79,7 @@ def test_per_seed_run_equals_scalar_runs_seed_by_seed(name):
 
 
 def test_scalars_mix_with_lists_and_rosenbrock_runs_per_seed():
-    rosenbrock = tasks.build("rosenbrock")
+    rosenbrock = registry.build_task("rosenbrock")
     hp = dict(learning_rate=[0.97, 0.3], beta_1=0.864, beta_2=0.99804)
     losses, params = run("adam", [0, 1], hp, rosenbrock)
     for i in range(2):
@@ -90,18 +89,18 @@ def test_scalars_mix_with_lists_and_rosenbrock_runs_per_seed():
 
 
 def test_bad_per_seed_lists_fail_with_one_line():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=4)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=4)
     with pytest.raises(ValueError, match=r"has 2 values but the run has 3 seeds"):
-        Engine(bowl, optimizers.build("adam", learning_rate=[0.1, 0.2]), [0, 1, 2], chunk_size=2)
+        Engine(bowl, registry.build_engine_optimizer("adam", learning_rate=[0.1, 0.2]), [0, 1, 2], chunk_size=2)
     with pytest.raises(ValueError, match=r"has 2 values but the run has 3 seeds"):
-        Engine(bowl, optimizers.build("lodo", meta_lr=[0.1, 0.2], num_layers=2), [0, 1, 2], chunk_size=2)
+        Engine(bowl, registry.build_engine_optimizer("lodo", meta_lr=[0.1, 0.2], num_layers=2), [0, 1, 2], chunk_size=2)
     with pytest.raises(ValueError, match=r"'lars' takes no per-seed lists"):
-        optimizers.build("lars", learning_rate=[0.1, 0.2])
+        registry.build_engine_optimizer("lars", learning_rate=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"list of numbers"):
-        optimizers.build("adam", learning_rate=[0.1, "x"])
+        registry.build_engine_optimizer("adam", learning_rate=[0.1, "x"])
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
-        optimizers.build("momentum", momentum=[0.5, 1.5])
+        registry.build_engine_optimizer("momentum", momentum=[0.5, 1.5])
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):
-        optimizers.build("lodo", beta=[0.5, 1.0])
+        registry.build_engine_optimizer("lodo", beta=[0.5, 1.0])
     with pytest.raises(ValueError, match=r"memory must be a number"):
-        optimizers.build("lbfgs", memory=[4, 8])
+        registry.build_engine_optimizer("lbfgs", memory=[4, 8])

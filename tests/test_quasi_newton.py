@@ -3,13 +3,12 @@
 import numpy as np
 import tensorflow as tf
 
-import optimizers
-import tasks
 from lodo.experiment import metrics
 from lodo.experiment.engine import Engine
-from optimizers import bfgs, lbfgs, levenberg_marquardt
+from optimizers import lbfgs, levenberg_marquardt
 from lodo.functional import Oracle
 from reference import numpy_bowl
+from lodo.experiment import registry
 
 
 def dense_bfgs_inverse(pairs, gamma, n):
@@ -67,19 +66,19 @@ def test_an_undefined_pair_is_skipped_per_seed_and_exact_minima_stay_finite():
     np.testing.assert_allclose(got[0], dense_bfgs_inverse([(s[0], y[0])], 0.5, n) @ g.numpy()[0], rtol=1e-12)
     np.testing.assert_allclose(got[1], 1e-10 * g.numpy()[1], rtol=1e-12)
     # Noise-free BFGS reaches Rosenbrock's minimum exactly (g = s = y = 0) and must stay there.
-    rosenbrock = tasks.build("rosenbrock")
-    trace = Engine(rosenbrock, optimizers.build("bfgs"), [0], chunk_size=200).run(200)
+    rosenbrock = registry.build_task("rosenbrock")
+    trace = Engine(rosenbrock, registry.build_engine_optimizer("bfgs"), [0], chunk_size=200).run(200)
     result = metrics.loss_at(trace, rosenbrock, 200)
     assert result["diverged"] == 0 and result["loss_mean"] < 1e-20
 
 
 def test_lbfgs_and_olbfgs_in_the_engine_match_numpy_per_seed():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=8)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=8)
     steps, seeds = 40, [1, 4]
     cases = [("lbfgs", dict(eta0=0.9, tau=20.0, memory=6), False, 0.0),
              ("olbfgs", dict(eta0=0.8, tau=30.0, memory=6, lam=0.05), True, 0.05)]
     for name, hp, mean_scaling, lam in cases:
-        engine = Engine(bowl, optimizers.build(name, **hp), seeds, chunk_size=steps)
+        engine = Engine(bowl, registry.build_engine_optimizer(name, **hp), seeds, chunk_size=steps)
         engine.run(steps)
 
         for row, seed in enumerate(seeds):
@@ -115,9 +114,9 @@ def numpy_bfgs(lr, c, n):
 
 
 def test_bfgs_in_the_engine_matches_numpy_per_seed_and_reports_its_preconditioner():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=8)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=8)
     steps, seeds, lr, c = 12, [0, 3], 0.7, 1.5  # noisy pairs amplify rounding: by step ~20 it reaches 1e-7
-    engine = Engine(bowl, optimizers.build("bfgs", learning_rate=lr, initial_scale=c), seeds, chunk_size=steps)
+    engine = Engine(bowl, registry.build_engine_optimizer("bfgs", learning_rate=lr, initial_scale=c), seeds, chunk_size=steps)
     engine.run(steps)
     probe = np.random.default_rng(1).standard_normal((len(seeds), 8, 3))
     reported = engine.optimizer.preconditioner_times(tf.constant(probe)).numpy()
@@ -129,8 +128,8 @@ def test_bfgs_in_the_engine_matches_numpy_per_seed_and_reports_its_preconditione
 
 
 def test_bfgs_satisfies_the_secant_equation_on_a_deterministic_bowl():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=8, noise_variance=0.0)  # fixed center: g = Hθ
-    engine = Engine(bowl, optimizers.build("bfgs"), [0, 1], chunk_size=1)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=8, noise_variance=0.0)  # fixed center: g = Hθ
+    engine = Engine(bowl, registry.build_engine_optimizer("bfgs"), [0, 1], chunk_size=1)
     engine.params.assign(np.random.default_rng(2).standard_normal((2, 8)))  # θ0 = c = 0 would never move
     hess = engine.problem.constants["hessian"].numpy()
     thetas = [engine.params.numpy()]
@@ -148,8 +147,8 @@ def test_bfgs_satisfies_the_secant_equation_on_a_deterministic_bowl():
 
 
 def test_bfgs_blows_up_on_the_noisy_bowl_and_non_finite_losses_count_as_diverged():
-    bowl = tasks.build("noisy_quadratic_bowl")  # the paper's setting: dim 100, σ² = 1
-    engine = Engine(bowl, optimizers.build("bfgs"), range(8), chunk_size=3000)
+    bowl = registry.build_task("noisy_quadratic_bowl")  # the paper's setting: dim 100, σ² = 1
+    engine = Engine(bowl, registry.build_engine_optimizer("bfgs"), range(8), chunk_size=3000)
     trace = engine.run(3000)
     result = metrics.loss_at(trace, bowl, 3000)
     # With next-minibatch pairs H turns indefinite; the loss ends far above Newton's 7.41 (and
@@ -157,8 +156,8 @@ def test_bfgs_blows_up_on_the_noisy_bowl_and_non_finite_losses_count_as_diverged
     per_seed = np.nan_to_num(np.array(result["loss_per_seed"]), nan=np.inf)
     assert per_seed.min() > 3 * bowl.optimum_loss() and per_seed.mean() > 30 * bowl.optimum_loss()
     # An overflowing run (same code, absurd H_0) is recorded as diverged, without raising.
-    small = tasks.build("noisy_quadratic_bowl", dim=10)
-    engine = Engine(small, optimizers.build("bfgs", initial_scale=1e300), [0, 1], chunk_size=50)
+    small = registry.build_task("noisy_quadratic_bowl", dim=10)
+    engine = Engine(small, registry.build_engine_optimizer("bfgs", initial_scale=1e300), [0, 1], chunk_size=50)
     trace = engine.run(50)
     result = metrics.loss_at(trace, small, trace.steps_done)
     assert result["diverged"] == 2 and np.isnan(result["loss_mean"])
@@ -185,9 +184,9 @@ def test_levenberg_marquardt_step_is_the_closed_form_and_tends_to_newton():
 
 
 def test_levenberg_marquardt_in_the_engine_matches_numpy_per_seed():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=8)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=8)
     lam, seeds = 0.01, [2, 5]
-    engine = Engine(bowl, optimizers.build("levenberg_marquardt", lam=lam), seeds, chunk_size=3)
+    engine = Engine(bowl, registry.build_engine_optimizer("levenberg_marquardt", lam=lam), seeds, chunk_size=3)
     engine.run(3)
     hess = engine.problem.constants["hessian"].numpy()
     for row, seed in enumerate(seeds):

@@ -99,11 +99,21 @@ def test_unknown_names_are_rejected_before_composition(argv, message):
     assert "\n" not in str(err.value)
 
 
-def test_every_optimizer_config_is_registered_and_vice_versa():
-    import optimizers
-
+def test_every_optimizer_and_task_config_is_a_complete_registry_entry():
+    from lodo.experiment import registry
     from lodo.experiment.cli import group_options
-    assert group_options("optimizer") == sorted(optimizers.REGISTRY)
+
+    assert group_options("optimizer") == registry.names("optimizer")
+    assert group_options("task") == registry.names("task")
+    for name in registry.names("optimizer"):
+        entry = registry.optimizer(name)
+        assert entry.runs_on_small_tasks or entry.runs_on_models, name
+        for path in (entry.keras, entry.engine):
+            if path not in (None, "keras"):
+                assert callable(registry.resolve(path, name)), (name, path)
+        assert entry.label and set(entry.tune) <= set(entry.defaults), name
+    for name in registry.names("task"):
+        assert registry.task(name).task_class.name == name
 
 
 def test_cli_errors_exit_nonzero_with_one_line(tmp_path):

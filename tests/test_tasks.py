@@ -4,10 +4,11 @@ import numpy as np
 import tensorflow as tf
 
 import tasks
+from lodo.experiment import registry
 
 
 def test_bowl_hessian_has_the_specified_spectrum_and_optimum():
-    bowl = tasks.build("noisy_quadratic_bowl")
+    bowl = registry.build_task("noisy_quadratic_bowl")
     hess = bowl.hessian_matrix(seed=4)
     np.testing.assert_allclose(hess, hess.T, atol=1e-14)
     np.testing.assert_allclose(np.linalg.eigvalsh(hess), np.geomspace(1e-3, 1.0, 100), rtol=1e-9, atol=1e-12)
@@ -16,7 +17,7 @@ def test_bowl_hessian_has_the_specified_spectrum_and_optimum():
 
 
 def test_bowl_loss_gradient_and_moving_center():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=6, noise_variance=2.0)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=6, noise_variance=2.0)
     problem = bowl.setup([1, 2])
     theta = tf.constant(np.random.default_rng(0).standard_normal((2, 6)))
     center = bowl.next_batch(problem, problem.initial_batch_state, tf.constant(0, tf.int64))
@@ -31,7 +32,7 @@ def test_bowl_loss_gradient_and_moving_center():
 
 
 def test_bowl_noise_is_per_seed_and_has_the_configured_variance():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=100, noise_variance=4.0)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=100, noise_variance=4.0)
     pair = bowl.setup([3, 9])
     alone = bowl.setup([9])
     step = tf.constant(17, tf.int64)
@@ -44,7 +45,7 @@ def test_bowl_noise_is_per_seed_and_has_the_configured_variance():
 
 
 def test_rosenbrock_matches_its_formula_gradient_and_hessian():
-    rosen = tasks.build("rosenbrock")
+    rosen = registry.build_task("rosenbrock")
     problem = rosen.setup([0])
     p = tf.constant([[-0.5, 2.0]], tf.float64)
     loss, grad = rosen.loss_and_grad(problem, p, problem.initial_batch_state)
@@ -60,7 +61,7 @@ def test_rosenbrock_matches_its_formula_gradient_and_hessian():
 
 def test_unknown_task_is_one_line_and_lists_names():
     try:
-        tasks.build("mnist_foo")
+        registry.build_task("mnist_foo")
     except ValueError as err:
         assert "\n" not in str(err) and "noisy_quadratic_bowl" in str(err) and "rosenbrock" in str(err)
     else:

@@ -9,14 +9,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import tasks
 from lodo.experiment.cli import CONFIG_DIR, ConfigError
+from lodo.experiment import registry
 
 
 
 @pytest.fixture(autouse=True)
 def toy_task(monkeypatch):
-    monkeypatch.setitem(tasks.IMAGE_TASKS, "toy_image", "toy_image_task:ToyImageTask")
+    registry.add_task("toy_image", **{"class": "toy_image_task.ToyImageTask"})
+    yield
+    registry.remove("task", "toy_image")
 
 
 def config(*overrides, steps=20, **task):
@@ -133,7 +135,7 @@ def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
         num_replicas_in_sync = 2
 
     cfg = config("optimizer=adam")
-    task = tasks.build("toy_image", batch_size=7)
+    task = registry.build_task("toy_image", batch_size=7)
     with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
         SeedTrainer(cfg, task, TwoReplicas(), seed=0)
 

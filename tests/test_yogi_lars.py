@@ -6,8 +6,7 @@ import pytest
 import tensorflow as tf
 import two_devices
 
-import optimizers
-import tasks
+from lodo.experiment import registry
 from lodo.experiment.engine import Engine
 from optimizers.lars import LARS
 from optimizers.yogi import Yogi
@@ -149,13 +148,13 @@ def bowl_numpy(bowl, seeds, steps, update):
 
 
 def run_engine(bowl, name, seeds, steps, **hp):
-    engine = Engine(bowl, optimizers.build(name, **hp), seeds, chunk_size=steps)
+    engine = Engine(bowl, registry.build_engine_optimizer(name, **hp), seeds, chunk_size=steps)
     engine.run(steps)
     return engine.params.numpy()
 
 
 def test_engine_yogi_matches_numpy_per_seed(float64_keras):
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     got = run_engine(bowl, "yogi", [2, 7], 30, learning_rate=0.3, beta_1=0.5, beta_2=0.9, epsilon=1e-3)
     rule = numpy_yogi(0.3, 0.5, 0.9, 1e-3)
     expected = bowl_numpy(bowl, [2, 7], 30, lambda theta, g, t: rule(0, theta, g))
@@ -164,7 +163,7 @@ def test_engine_yogi_matches_numpy_per_seed(float64_keras):
 
 
 def test_engine_lars_uses_per_seed_norms():
-    bowl = tasks.build("noisy_quadratic_bowl", dim=12)
+    bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     got = run_engine(bowl, "lars", [2, 7], 30, learning_rate=0.3, momentum=0.5, weight_decay=0.01, total_steps=40)
     per_seed, whole = numpy_lars(0.3, 0.5, 0.01, 40, axis=-1), numpy_lars(0.3, 0.5, 0.01, 40)
     expected = bowl_numpy(bowl, [2, 7], 30, lambda theta, g, t: per_seed(0, theta, g, t))
@@ -180,6 +179,7 @@ MIRRORED = """
 from optimizers.lars import LARS
 from optimizers.yogi import Yogi
 from two_devices import compare_fit
+from lodo.experiment import registry
 
 for name, make_opt in [("yogi", lambda: Yogi(learning_rate=0.05, beta_1=0.8, beta_2=0.99)),
                        ("lars", lambda: LARS(learning_rate=0.05, momentum=0.8, weight_decay=1e-3, total_steps=8))]:

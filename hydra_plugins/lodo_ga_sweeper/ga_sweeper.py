@@ -77,7 +77,7 @@ class GASweeper(Sweeper):
                  seed: int = 0, first_seed: int = 1000, halve_rates_after: Optional[bool] = None,
                  rate_keys: Any = ("learning_rate", "initial_lr", "eta0"), search_space: Any = None,
                  stop_after: Optional[int] = None, install: Any = False, export_dir: Optional[str] = None,
-                 job_overrides: Any = (), schedule_of_task: Any = None, schedules: Any = None) -> None:
+                 job_overrides: Any = (), schedules: Any = None) -> None:
         super().__init__()
         self.schedule_name = schedule
         self.population, self.generations, self.steps = population, generations, steps
@@ -87,7 +87,6 @@ class GASweeper(Sweeper):
         self.search_space = _plain(search_space)
         self.stop_after, self.install, self.export_dir = stop_after, install, export_dir
         self.job_overrides = [str(o) for o in (_plain(job_overrides) or [])]
-        self.schedule_of_task = dict(_plain(schedule_of_task) or {})
         self.schedules = dict(_plain(schedules) or {})
         self.hydra_context: Optional[HydraContext] = None
         self.config: Optional[DictConfig] = None
@@ -140,13 +139,13 @@ class GASweeper(Sweeper):
                 raise SweepError(f"{key} is set by the GA sweeper for every generation; use {RESERVED[key]} instead")
         return overrides
 
-    def _schedule(self, task_name: str):
+    def _schedule(self, task_name: str, task_schedule):
         from lodo.experiment import genetic
 
-        name = self.schedule_name or self.schedule_of_task.get(task_name)
+        name = self.schedule_name or task_schedule
         if name is None:
             raise SweepError(f"no GA schedule for task {task_name!r}: pick one with hydra.sweeper.schedule="
-                             f"<{'|'.join(sorted(self.schedules))}> or add the task to hydra.sweeper.schedule_of_task")
+                             f"<{'|'.join(sorted(self.schedules))}> or give the task's YAML a ga_schedule")
         if name not in self.schedules:
             raise SweepError(f"unknown GA schedule {name!r}; valid schedules: {', '.join(sorted(self.schedules))}")
         entry = self.schedules[name]
@@ -195,8 +194,7 @@ class GASweeper(Sweeper):
 
     # ------------------------------------------------------------------ sweep
     def _sweep(self, arguments: List[str]) -> Any:
-        from lodo.experiment import genetic, outputs
-        import tasks
+        from lodo.experiment import genetic, outputs, registry
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         self._check_settings()
@@ -215,14 +213,17 @@ class GASweeper(Sweeper):
             except ValueError as err:
                 raise SweepError(str(err)) from None
             center.append(float(value))
-        schedule = self._schedule(task_name)
+        schedule = self._schedule(task_name, base.task.get("ga_schedule"))
         try:
             plan = schedule.plan(self.generations, self.steps)
         except ValueError as err:
             raise SweepError(f"hydra.sweeper: {err}") from None
         population = schedule.population
         halve = schedule.halve_rates_after if self.halve_rates_after is None else bool(self.halve_rates_after)
-        image = tasks.is_image_task(task_name)
+        # One job per individual where a generation cannot be one multi-seed program: image tasks train one
+        # model per job, and an optimizer without per-seed hyperparameters cannot give each seed its own values.
+        image = registry.is_image_task(task_name)
+        separate = image or not registry.optimizer(optimizer_name).per_seed
         untuned = tuple(k for k in (_plain(base.optimizer.get("tune")) or {}) if k not in space)
         install_target = self._install_target(task_name, optimizer_name, untuned)
 
@@ -233,7 +234,7 @@ class GASweeper(Sweeper):
             "task": task_name, "optimizer": optimizer_name, "arguments": list(arguments), "search_space": space,
             "center": center, "schedule": schedule.name, "population": population, "plan": plan,
             "seed": self.seed, "first_seed": self.first_seed, "score_window": self.score_window,
-            "one_job_per_individual": image, "job_overrides": self.job_overrides}))
+            "one_job_per_individual": separate, "job_overrides": self.job_overrides}))
         state_path = sweep_dir / STATE_FILE
         state = load_state(state_path, setup)
         if state is not None and len(state["generations"]) == len(plan):
@@ -259,8 +260,8 @@ class GASweeper(Sweeper):
             z = genetic.individuals(state["mean"], std, population, self.seed, g, kinds)
             values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
             seeds = [self.first_seed + g * population + i for i in range(population)]
-            scores, walls, folders, results = self._run_generation(g, steps, keys, values, seeds, image, kept,
-                                                                   sweep_dir, state)
+            scores, walls, folders, results = self._run_generation(g, steps, keys, values, seeds, image, separate,
+                                                                   kept, sweep_dir, state)
             wall = sum(walls)
             state["generations"].append({
                 "generation": g, "std": std, "steps": steps, "mean": list(state["mean"]), "z": z.tolist(),
@@ -283,7 +284,7 @@ class GASweeper(Sweeper):
         self._log(sweep_dir, "tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in tuned.items()))
         return returns
 
-    def _run_generation(self, g, steps, keys, values, seeds, image, kept, sweep_dir, state):
+    def _run_generation(self, g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state):
         """Launches a generation's jobs; returns (scores, wall seconds per round of jobs, run folders, job returns).
 
         A job that crashes takes every individual in it down with it; on the
@@ -293,10 +294,11 @@ class GASweeper(Sweeper):
         as a configuration error, stops the sweep instead.)
         """
         scores = [math.inf] * len(seeds)
-        ranges = [(0, len(seeds))] if not image else [(i, i + 1) for i in range(len(seeds))]
+        ranges = [(0, len(seeds))] if not separate else [(i, i + 1) for i in range(len(seeds))]
         walls, folders, returns = [], [], []
         while ranges:
-            jobs = [self._job(g, steps, keys, values, seeds, lo, hi, image, kept, sweep_dir) for lo, hi in ranges]
+            jobs = [self._job(g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir)
+                    for lo, hi in ranges]
             batch = [overrides for overrides, _ in jobs]
             self.validate_batch_is_legal(batch)
             tic = time.perf_counter()
@@ -321,13 +323,13 @@ class GASweeper(Sweeper):
             ranges = retry
         return scores, walls, folders, returns
 
-    def _job(self, g, steps, keys, values, seeds, lo, hi, image, kept, sweep_dir):
+    def _job(self, g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir):
         """(overrides, run folder) of the job that trains individuals lo … hi−1 (one seed each).
 
         On the small tasks the individuals' values are per-seed lists; the
         whole generation is one job in ``gen_<g>/``, and a split-off part
-        (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job
-        trains one individual in ``gen_<g>/ind_<i>/``.
+        (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job, or
+        one of an optimizer without per-seed hyperparameters, trains one individual in ``gen_<g>/ind_<i>/``.
         """
         from lodo.experiment import genetic
 
@@ -335,12 +337,12 @@ class GASweeper(Sweeper):
         log_every = math.gcd(steps, window)  # curve rows that tile the score window exactly
         common = [*kept, f"steps={steps}", f"log_every={log_every}", *self.job_overrides,
                   f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo]}", f"num_seeds={hi - lo}"]
-        if image:
+        if separate:
             subdir = f"gen_{g:02d}/ind_{lo:02d}"
             # The score is the training loss: no pictures, and a one-image test set instead of the minutes that a
             # full one costs (the summary keeps its test fields).
-            settings = ["artifacts=false", "test_size=1"] + [f"optimizer.{k}={number(values[lo][d])}"
-                                                             for d, k in enumerate(keys)]
+            settings = (["artifacts=false", "test_size=1"] if image else [f"chunk_size={steps}"]) + [
+                f"optimizer.{k}={number(values[lo][d])}" for d, k in enumerate(keys)]
         else:
             part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
             subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"

@@ -24,28 +24,15 @@ from typing import Callable
 
 import pandas as pd
 
+from lodo.experiment import registry
 from lodo.experiment.outputs import atomic_write_text, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_DIR = ROOT / "results" / "paper"
 
-# Row order of every table: the paper's order, LODO's ablations after LODO, references last.
-ORDER = ["adam", "momentum", "momentum_ema", "rmsprop", "yogi", "lars", "lbfgs", "olbfgs", "l2lbgdbgd", "lodo", "lodo_diagonal",
-         "lodo_global", "lodo_residuals", "lodo_no_momentum", "lodo_sgd", "bfgs", "levenberg_marquardt", "newton"]
-LABELS = {"adam": "Adam", "momentum": "Momentum", "momentum_ema": "Momentum (EMA form)", "rmsprop": "RMSprop", "yogi": "Yogi", "lars": "LARS",
-          "lbfgs": "L-BFGS", "olbfgs": "O-LBFGS", "l2lbgdbgd": "L2LBGDBGD", "lodo": "LODO",
-          "lodo_diagonal": "LODO-Diagonal", "lodo_global": "LODO-Global", "lodo_residuals": "LODO-Residuals",
-          "lodo_no_momentum": "LODO-No-Momentum", "lodo_sgd": "LODO-SGD", "bfgs": "BFGS",
-          "levenberg_marquardt": "Levenberg–Marquardt", "newton": "Newton (optimal)"}
-
-
-def label(name: str) -> str:
-    return LABELS.get(name, name)
-
-
-def order_key(name: str):
-    """Sort key: the paper's order, unknown names last (alphabetically)."""
-    return (ORDER.index(name), "") if name in ORDER else (len(ORDER), name)
+# Row order and labels are declared by each optimizer's YAML (``lodo.experiment.registry``).
+label = registry.label
+order_key = registry.order_key
 
 
 @dataclass
