@@ -2,9 +2,11 @@
 
 The state is explicit (a ``LODOState`` of tensors), every tensor carries a
 leading axis of independent seeds, and nothing here knows about Keras or
-tasks. The Keras optimizer (``lodo.keras_optimizer``) and the multi-seed engine
-(``lodo.experiment.engine``) are thin adapters over these two functions, which is why
-they follow the same trajectory.
+tasks. G(φ) is any preconditioner of ``lodo.preconditioners`` (LODO's own by default)
+and φ's optimizer any of ``lodo.meta_optimizers``. The Keras optimizers
+(``lodo.keras_optimizer``) and the multi-seed engine's (``lodo.multi_seed``) are thin
+adapters over these two functions, which is why they follow the same trajectory;
+``lodo.layerwise`` is the same update fused layer by layer for LODO's own preconditioner.
 
 One call of ``update`` with the gradient g_{t+1} = ∇L_{t+1}(θ_{t+1}) does:
   3–4. h_t = ∂L_{t+1}(θ_t − G(φ_t)m_t)/∂φ_t, φ_{t+1} = meta_optimizer(φ_t, h_t)
@@ -21,45 +23,13 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
-from lodo import meta_optimizers, preconditioner as bp
-
-# Seeds index several independent random streams; this one draws LODO's own
-# permutations and initial blocks, so they do not depend on the task's draws.
-RNG_STREAM = 0x10D0
-
+from lodo import meta_optimizers, preconditioners
 
 class LODOState(NamedTuple):
     weights: tuple  # φ: the preconditioner's learned tensors, each [S, ...]
     constants: tuple  # fixed per seed (permutations), never updated
     momentum: tf.Tensor  # m_t, [S, n]
     meta: tuple  # the meta-optimizer's state for φ
-
-
-@dataclass(frozen=True)
-class BlockPermutationPreconditioner:
-    """G(φ) = α0 G̃ᵀG̃ with G̃ = B_N P_N ⋯ B_1 P_1 I_pad (Equation 2)."""
-
-    num_layers: int = 16
-    block_size: int = 4
-
-    def network(self, n: int) -> bp.BlockNetwork:
-        return bp.BlockNetwork(n, self.num_layers, self.block_size)
-
-    def init(self, n: int, seeds: Sequence[int], dtype) -> tuple[tuple, tuple]:
-        net = self.network(n)
-        draws = [net.draw(np.random.default_rng([int(s), RNG_STREAM])) for s in seeds]
-        perms = np.stack([d[0] for d in draws])  # [S, N, ñ]
-        weights = tuple(
-            tf.constant(np.stack([d[1][i] for d in draws]), dtype=dtype) for i in range(net.num_layers)
-        )
-        constants = (tf.constant(perms), tf.constant(bp.inverse_permutations(perms)))
-        return weights, constants
-
-    def apply(self, weights, constants, alpha, v):
-        return bp.apply(weights, constants[0], constants[1], alpha, v)
-
-    def hypergradient(self, weights, constants, alpha, m, g):
-        return tuple(bp.hypergradient(weights, constants[0], constants[1], alpha, m, g))
 
 
 @dataclass(frozen=True)
@@ -91,7 +61,7 @@ def init(
     dtype=tf.float32,
 ) -> LODOState:
     """Fresh state for ``len(seeds)`` independent copies of LODO on n parameters."""
-    preconditioner = preconditioner or BlockPermutationPreconditioner()
+    preconditioner = preconditioner or preconditioners.BlockPermutation()
     meta_optimizer = meta_optimizer or meta_optimizers.Adam(0.00096)
     weights, constants = preconditioner.init(n, seeds, dtype)
     return LODOState(

@@ -5,14 +5,50 @@ the optimizer to update it in place from the gradient. Everything an
 optimizer may ask about the current minibatch beyond that gradient (a second
 gradient, the Hessian) goes through the ``Oracle``, so tasks and optimizers
 stay independent plug-ins.
+
+Per-seed hyperparameters: an optimizer may take a number hyperparameter as a list of
+S numbers, one per seed of the ``[S, n]`` variable; the helpers below read them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
+
+
+def is_per_seed(value) -> bool:
+    """A hyperparameter given as one value per seed (a list or tuple, as Hydra passes ``key=[a,b,…]``)."""
+    return isinstance(value, (list, tuple))
+
+
+def any_per_seed(*values) -> bool:
+    return any(is_per_seed(v) for v in values)
+
+
+def seed_values(value, num_seeds: int, name: str) -> np.ndarray:
+    """A hyperparameter as ``[S]`` float64 values: a number repeated, or a per-seed list checked for length."""
+    if is_per_seed(value):
+        if len(value) != num_seeds:
+            raise ValueError(f"optimizer.{name} has {len(value)} values but the run has {num_seeds} seeds: give one "
+                             f"value per seed (num_seeds={len(value)}) or a single number")
+        values = np.array([float(v) for v in value], dtype=np.float64)
+    else:
+        values = np.full(num_seeds, float(value), dtype=np.float64)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"optimizer.{name} must be finite, got {value!r}")
+    return values
+
+
+def check_range(name: str, value, low: float, high: float, high_open: bool = True) -> None:
+    """Every entry of a number or per-seed list within [low, high) (or [low, high]); else a one-line error."""
+    for v in (value if is_per_seed(value) else [value]):
+        if not (low <= float(v) < high if high_open else low <= float(v) <= high):
+            bound = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"optimizer.{name} must be in {bound}, got {v!r}")
 
 
 @dataclass

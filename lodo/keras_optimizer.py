@@ -1,4 +1,4 @@
-"""LODO as a Keras 3 optimizer: ``model.compile(optimizer=LODO(...))``.
+"""LODO and its ablations as Keras 3 optimizers: ``model.compile(optimizer=LODO(...))``.
 
 LODO preconditions the flattened vector of *all* trainable variables jointly,
 so it cannot use Keras's per-variable ``update_step``. It overrides
@@ -11,20 +11,52 @@ preconditioner it runs as ``lodo.layerwise``'s compiled, in-place, layer-by-laye
 core (same numbers, a fraction of the memory and time on image-scale models);
 the other preconditioners call ``lodo.algorithm.update`` itself.
 
-The ablations of SPEC §1.3 are small subclasses: they swap the preconditioner
-through ``_make_preconditioner`` or pin one hyperparameter.
+One class per row of ``lodo.variants.VARIANTS``: ``LODO`` holds the machinery and
+the ablations are generated subclasses that differ only in their row (preconditioner,
+defaults, pinned hyperparameters). Each is registered with Keras under its own name, and
+its constructor keywords, defaults and docstring come from its row, so a saved model
+names its optimizer's class and ``keras.optimizers.deserialize`` rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src import backend
 
-from lodo import ablations, algorithm, layerwise, meta_optimizers
+from lodo import algorithm, layerwise, meta_optimizers, preconditioners, variants
+
+PLANS = ("auto", "fast", "lean")
+KERAS_ARGUMENT_DOCS = {
+    "seed": "draws the preconditioner's permutations and initial weights.",
+    "name": "the optimizer's name.",
+    "plan": ("memory layout of the block-permutation core (``lodo.layerwise.Plan.choose``): ``\"auto\"`` (fast "
+             "while that costs little memory, else lean), ``\"fast\"``, ``\"lean\"`` or a ``layerwise.Plan``. It "
+             "never changes the numbers, so it is not part of the config; other preconditioners ignore it."),
+}
+
+
+def _keywords(variant: variants.Variant) -> dict:
+    """``initial_lr, meta_lr, beta, <preconditioner fields>, seed, meta_optimizer, name, plan`` and their
+    defaults, without the pinned ones: the keywords of the classes as they were written by hand."""
+    keywords = dict(variant.hyperparameters())
+    meta = {k: keywords.pop(k) for k in ["meta_optimizer"] if k in keywords}
+    return {**keywords, "seed": 0, **meta, "name": variant.name, "plan": "auto"}
+
+
+def _describe(cls, variant: variants.Variant):
+    """Gives ``cls`` its row (``cls.variant``), the constructor signature that ``__init__`` binds its
+    arguments to (and that ``inspect.signature`` reports), and its docstring."""
+    keywords = _keywords(variant)
+    cls.variant = variant
+    cls.__signature__ = variants.signature(keywords, var_keyword="kwargs")
+    cls.__doc__ = variant.docstring(f"{variant.label}: {variant.summary}", keywords, KERAS_ARGUMENT_DOCS,
+                                    "\n    **kwargs: passed to ``keras.optimizers.Optimizer`` (e.g. ``clipnorm``).")
+    return cls
 
 
 def _tf_variable(v):
@@ -34,64 +66,42 @@ def _tf_variable(v):
 
 @keras.saving.register_keras_serializable(package="lodo")
 class LODO(keras.optimizers.Optimizer):
-    """Learning to Optimize During Optimization (Liao et al., TMLR 2023).
+    # ``variant`` (the class's row of the table), the docstring and the constructor's signature
+    # are set by ``_describe`` below.
 
-    Args:
-        initial_lr: α0, the scale of G(φ); LODO starts as momentum SGD with
-            this learning rate. It is the optimizer's ``learning_rate``, so a
-            Keras schedule scales G over time.
-        meta_lr: learning rate of the meta-optimizer that trains φ.
-        beta: momentum of the gradient EMA fed to G.
-        num_layers, block_size: N and k of G̃ (Equation 2).
-        seed: draws the permutations and initial orthogonal blocks.
-        meta_optimizer: ``"adam"`` (the paper) or ``"sgd"`` (an ablation).
-        plan: memory layout of the block-permutation core (``lodo.layerwise.Plan.choose``):
-            ``"auto"`` (fast while that costs little memory, else lean), ``"fast"``,
-            ``"lean"`` or a ``layerwise.Plan``. It never changes the numbers, so it is
-            not part of the config.
-    """
-
-    # get_config keys that a subclass pins, so its __init__ does not take them.
-    _pinned_config_keys = ()
-
-    def __init__(
-        self,
-        initial_lr=0.270,
-        meta_lr=0.00096,
-        beta=0.195,
-        num_layers=16,
-        block_size=4,
-        seed=0,
-        meta_optimizer="adam",
-        name="lodo",
-        plan="auto",
-        **kwargs,
-    ):
-        kwargs.pop("learning_rate", None)
-        super().__init__(learning_rate=initial_lr, name=name, **kwargs)
+    def __init__(self, *args, **kwargs):
+        bound = type(self).__signature__.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        extra = given.pop("kwargs")
+        extra.pop("learning_rate", None)
+        given.update({k: extra.pop(k) for k in list(extra) if k in self.variant.pinned})
+        settings = self.variant.settings(given)
+        initial_lr, meta_lr, beta = settings["initial_lr"], settings["meta_lr"], settings["beta"]
+        super().__init__(learning_rate=initial_lr, name=settings["name"], **extra)
         algorithm.LODOHyperparams(initial_lr=initial_lr, meta_lr=meta_lr, beta=beta)  # validates
         self.meta_lr = float(meta_lr)
         self.beta = float(beta)
-        self.num_layers = num_layers
-        self.block_size = block_size
-        self.seed = int(seed)
-        self.meta_optimizer_name = meta_optimizer
-        self._preconditioner = self._make_preconditioner()
-        self._meta = meta_optimizers.make(meta_optimizer, self.meta_lr)
+        for key in self.variant.preconditioner_fields:  # num_layers, block_size, …
+            setattr(self, key, settings[key])
+        self.seed = int(settings["seed"])
+        self.meta_optimizer_name = settings["meta_optimizer"]
+        self._preconditioner = self.variant.make_preconditioner(settings)  # validates its fields now, not at build
+        self._meta = meta_optimizers.make(self.meta_optimizer_name, self.meta_lr)
+        plan = settings["plan"]
         self._plan_request = plan
-        if not isinstance(plan, layerwise.Plan) and plan not in ("auto", "fast", "lean"):
+        if not isinstance(plan, layerwise.Plan) and plan not in PLANS:
             raise ValueError(f"LODO plan must be 'auto', 'fast', 'lean' or a layerwise.Plan, got {plan!r}")
 
-    def _make_preconditioner(self):
-        """G(φ); ablations override this. The dataclass's fields are serialized by ``get_config``."""
-        preconditioner = algorithm.BlockPermutationPreconditioner(self.num_layers, self.block_size)
-        preconditioner.network(1)  # validates num_layers and block_size now, not at build
-        return preconditioner
+    @property
+    def preconditioner(self):
+        """G(φ)'s preconditioner object (``lodo.preconditioners``); its fields are in ``get_config``."""
+        return self._preconditioner
 
     @property
     def layerwise(self) -> bool:
         """Whether this optimizer runs on the ``lodo.layerwise`` core (block-permutation G, Adam or SGD on φ)."""
-        return type(self._preconditioner) is algorithm.BlockPermutationPreconditioner and isinstance(
+        return type(self._preconditioner) is preconditioners.BlockPermutation and isinstance(
             self._meta, (meta_optimizers.Adam, meta_optimizers.SGD))
 
     def build(self, variables):
@@ -105,7 +115,7 @@ class LODO(keras.optimizers.Optimizer):
         if self.layerwise:
             network = self._preconditioner.network(n)
             self.plan = layerwise.Plan.choose(network, tf.as_dtype(self._state_dtype).size, self._plan_request)
-            rng = np.random.default_rng([self.seed, algorithm.RNG_STREAM])  # algorithm.init's stream
+            rng = np.random.default_rng([self.seed, preconditioners.RNG_STREAM])  # algorithm.init's stream
             self._layer_state = layerwise.create_state(self.add_variable, network, self.plan, rng, self._state_dtype,
                                                   self._meta)
             self._state_variables = self._layer_state.flatten()
@@ -198,67 +208,20 @@ class LODO(keras.optimizers.Optimizer):
             meta_optimizer=self.meta_optimizer_name,
             **dataclasses.asdict(self._preconditioner),
         )
-        for key in self._pinned_config_keys:
+        for key in self.variant.pinned:
             config.pop(key)
         return config
 
 
-@keras.saving.register_keras_serializable(package="lodo")
-class LODODiagonal(LODO):
-    """LODO-Diagonal: G = α0·diag(φ), φ initialized to ones."""
-
-    def __init__(self, initial_lr=ablations.DIAGONAL_DEFAULTS.initial_lr, meta_lr=ablations.DIAGONAL_DEFAULTS.meta_lr,
-                 beta=ablations.DIAGONAL_DEFAULTS.beta, seed=0, meta_optimizer="adam", name="lodo_diagonal", **kwargs):
-        super().__init__(initial_lr, meta_lr, beta, seed=seed, meta_optimizer=meta_optimizer, name=name, **kwargs)
-
-    def _make_preconditioner(self):
-        return ablations.DiagonalPreconditioner()
+def _keras_class(variant: variants.Variant) -> type:
+    """A registered subclass of ``LODO`` for an ablation's row."""
+    namespace = {"__module__": __name__, "__qualname__": variant.class_name}
+    cls = types.new_class(variant.class_name, (LODO,), exec_body=lambda ns: ns.update(namespace))
+    return keras.saving.register_keras_serializable(package="lodo")(_describe(cls, variant))
 
 
-@keras.saving.register_keras_serializable(package="lodo")
-class LODOGlobal(LODO):
-    """LODO-Global: G = α0·φ·I, one learned scalar φ initialized to 1."""
-
-    def __init__(self, initial_lr=ablations.GLOBAL_DEFAULTS.initial_lr, meta_lr=ablations.GLOBAL_DEFAULTS.meta_lr,
-                 beta=ablations.GLOBAL_DEFAULTS.beta, seed=0, meta_optimizer="adam", name="lodo_global", **kwargs):
-        super().__init__(initial_lr, meta_lr, beta, seed=seed, meta_optimizer=meta_optimizer, name=name, **kwargs)
-
-    def _make_preconditioner(self):
-        return ablations.GlobalPreconditioner()
-
-
-@keras.saving.register_keras_serializable(package="lodo")
-class LODOResiduals(LODO):
-    """LODO-Residuals: G = α0·RᵀDR, R a product of ``num_layers`` residual permutation layers."""
-
-    def __init__(self, initial_lr=ablations.RESIDUALS_DEFAULTS.initial_lr,
-                 meta_lr=ablations.RESIDUALS_DEFAULTS.meta_lr, beta=ablations.RESIDUALS_DEFAULTS.beta,
-                 num_layers=64, seed=0, meta_optimizer="adam", name="lodo_residuals", **kwargs):
-        super().__init__(initial_lr, meta_lr, beta, num_layers=num_layers, seed=seed,
-                         meta_optimizer=meta_optimizer, name=name, **kwargs)
-
-    def _make_preconditioner(self):
-        return ablations.ResidualPreconditioner(self.num_layers)
-
-
-@keras.saving.register_keras_serializable(package="lodo")
-class LODONoMomentum(LODO):
-    """LODO-No-Momentum: β = 0, so G is applied to the raw gradient."""
-
-    _pinned_config_keys = ("beta",)
-
-    def __init__(self, initial_lr=ablations.NO_MOMENTUM_DEFAULTS.initial_lr,
-                 meta_lr=ablations.NO_MOMENTUM_DEFAULTS.meta_lr, num_layers=16, block_size=4, seed=0,
-                 meta_optimizer="adam", name="lodo_no_momentum", **kwargs):
-        super().__init__(initial_lr, meta_lr, 0.0, num_layers, block_size, seed, meta_optimizer, name, **kwargs)
-
-
-@keras.saving.register_keras_serializable(package="lodo")
-class LODOSGD(LODO):
-    """LODO-SGD: φ is trained by plain gradient descent (learning rate ``meta_lr``) instead of Adam."""
-
-    _pinned_config_keys = ("meta_optimizer",)
-
-    def __init__(self, initial_lr=ablations.SGD_DEFAULTS.initial_lr, meta_lr=ablations.SGD_DEFAULTS.meta_lr,
-                 beta=ablations.SGD_DEFAULTS.beta, num_layers=16, block_size=4, seed=0, name="lodo_sgd", **kwargs):
-        super().__init__(initial_lr, meta_lr, beta, num_layers, block_size, seed, "sgd", name, **kwargs)
+_describe(LODO, variants.LODO)
+for _variant in variants.VARIANTS:
+    if _variant is not variants.LODO:
+        globals()[_variant.class_name] = _keras_class(_variant)
+__all__ = [v.class_name for v in variants.VARIANTS]

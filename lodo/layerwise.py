@@ -1,8 +1,11 @@
-"""LODO's block-permutation update for one model, layer by layer on its variables (the Keras core).
+"""The fused, layer-by-layer form of LODO's one update, for one model (the Keras optimizers' core).
 
-The numbers are those of ``lodo.algorithm.update`` with ``BlockPermutationPreconditioner`` and
-one seed; this module organises the work for models of 10⁵–10⁷ parameters, where LODO's own
-state (φ and its meta-Adam moments, ≈ 1.5 KB per parameter) dwarfs the model:
+This is ``lodo.algorithm.update`` with ``lodo.preconditioners.BlockPermutation`` and one seed,
+not another algorithm: the same products and sums, fused in another order, so the numbers agree
+up to rounding (test_lodo_scale.py checks that the two follow the same trajectory, step for step,
+under every memory plan and for every variant of ``lodo.variants`` that runs here). It only
+reorganises the work for models of 10⁵–10⁷ parameters, where LODO's own state (φ and its
+meta-Adam moments, ≈ 1.5 KB per parameter) dwarfs the model:
 
 - Every layer's blocks φ_i, meta-Adam moments m_i, v_i and permutation are variables of their
   own, and the compiled programs update them in place (XLA aliases an updated variable to its
@@ -39,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from lodo import meta_optimizers
-from lodo import preconditioner as bp
+from lodo.preconditioners import BlockNetwork
 
 # Below this many bytes of optional memory (the second permutation direction plus every layer's inputs),
 # the fast layout is used; ResNet-18 (11.2M parameters) needs ~4 GB for it, the PixelCNN 36 MB.
@@ -60,18 +63,18 @@ class Plan:
             raise ValueError(f"LODO plan segment must be a positive integer, got {self.segment!r}")
 
     @staticmethod
-    def fast(network: bp.BlockNetwork) -> "Plan":
+    def fast(network: BlockNetwork) -> "Plan":
         return Plan(segment=network.num_layers, inverse=True)
 
     @staticmethod
-    def lean(network: bp.BlockNetwork) -> "Plan":
+    def lean(network: BlockNetwork) -> "Plan":
         # A segment's program holds 2·segment + ~9 vectors of length ñ and the step pushes
         # (m, g) through N(N/segment + 1)/2 layers: 2 is within ~2 vectors of the minimum
         # (segment 1) at less than 60% of its recomputation.
         return Plan(segment=min(2, network.num_layers), inverse=False)
 
     @staticmethod
-    def choose(network: bp.BlockNetwork, itemsize: int, plan="auto") -> "Plan":
+    def choose(network: BlockNetwork, itemsize: int, plan="auto") -> "Plan":
         """``plan``: "auto" (fast while its extra memory is below ``FAST_LAYOUT_MAX_BYTES``),
         "fast", "lean", or a ``Plan``."""
         if isinstance(plan, Plan):
@@ -117,7 +120,7 @@ class LayerState:
         return LayerState(**out)
 
 
-def create_state(add_variable, network: bp.BlockNetwork, plan: Plan, rng: np.random.Generator, dtype,
+def create_state(add_variable, network: BlockNetwork, plan: Plan, rng: np.random.Generator, dtype,
                  meta_optimizer) -> LayerState:
     """LODO's variables, made one layer at a time from the draws of ``BlockNetwork.stream``.
 
@@ -223,7 +226,7 @@ def _scatter(index: tf.Tensor, x: tf.Tensor, *after: tf.Tensor) -> tf.Tensor:
 class LayerwiseCore:
     """One LODO step on a ``LayerState`` as a few XLA programs; see the module docstring."""
 
-    def __init__(self, network: bp.BlockNetwork, plan: Plan, meta_optimizer, beta: float, dtype,
+    def __init__(self, network: BlockNetwork, plan: Plan, meta_optimizer, beta: float, dtype,
                  template: LayerState):
         self.network, self.plan, self.meta, self.beta = network, plan, meta_optimizer, beta
         self._template = template  # the structure of the state lists (any device's copies)

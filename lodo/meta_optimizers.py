@@ -78,6 +78,21 @@ class SGD:
         return tuple(p - seedwise(lr, g.shape.rank) * g for p, g in zip(params, grads)), state
 
 
+@dataclass(frozen=True)
+class Frozen:
+    """No meta-update: φ stays as it is (the frozen-preconditioner test, SPEC §1.4).
+
+    Not SGD or Adam at learning rate 0: a diverging run's hypergradient overflows to ±inf,
+    and 0·inf is nan, which would corrupt φ; this returns φ without touching the hypergradient.
+    """
+
+    def init(self, params):
+        return ()
+
+    def update(self, params, grads, state):
+        return params, state
+
+
 def make(name: str, learning_rate: float):
     table = {"adam": Adam, "sgd": SGD}
     if name not in table:

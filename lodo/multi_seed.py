@@ -1,8 +1,9 @@
 """LODO and its ablations for the multi-seed engine: ``lodo.algorithm`` with its state kept in variables.
 
-Each class's constructor keywords are the hyperparameters of its YAML in
-``configs/optimizer/``; the ablations (SPEC §1.3) override the preconditioner
-hook or pin one hyperparameter, the same way as the Keras front end.
+One class per row of ``lodo.variants.VARIANTS``, named ``"MultiSeed" + class_name``:
+``MultiSeedLODO`` holds the machinery and the ablations are generated subclasses. A
+class's constructor keywords are its row's hyperparameters, the keys of its YAML in
+``configs/optimizer/``, the same as the Keras front end's.
 
 ``initial_lr``, ``meta_lr`` and ``beta`` may each be a list with one value per
 seed (see ``lodo.algorithm.update``): seed i then runs exactly as a scalar run
@@ -11,9 +12,10 @@ with the i-th values.
 
 from __future__ import annotations
 
-from lodo import ablations, algorithm, meta_optimizers
-from optimizers import is_per_seed, seed_values
-from lodo.functional import FunctionalOptimizer
+import types
+
+from lodo import algorithm, meta_optimizers, variants
+from lodo.functional import FunctionalOptimizer, is_per_seed, seed_values
 
 
 def _per_seed_or_float(value):
@@ -27,18 +29,33 @@ def _validate(initial_lr, meta_lr, beta):
             algorithm.LODOHyperparams(**{name: v})
 
 
+def _describe(cls, variant: variants.Variant):
+    """Gives ``cls`` its row (``cls.variant``, ``cls.name``), the constructor signature that ``__init__``
+    binds its arguments to (and that ``optimizers.build`` checks a config against), and its docstring."""
+    keywords = variant.hyperparameters()
+    cls.variant, cls.name = variant, variant.name
+    cls.__signature__ = variants.signature(keywords)
+    cls.__doc__ = variant.docstring(f"S independent copies of {variant.label}, one per seed, each with its own "
+                                    f"random draws. {variant.summary} initial_lr, meta_lr and beta may also be "
+                                    f"lists, one value per seed.", keywords)
+    return cls
+
+
 class MultiSeedLODO(FunctionalOptimizer):
-    """S independent LODOs, one per seed, each with its own permutations and blocks."""
+    # ``variant``, ``name``, the docstring and the constructor's signature are set by ``_describe`` below.
 
-    name = "lodo"
-
-    def __init__(self, initial_lr=0.270, meta_lr=0.00096, beta=0.195, num_layers=16, block_size=4,
-                 meta_optimizer="adam"):
+    def __init__(self, *args, **kwargs):
+        bound = type(self).__signature__.bind(*args, **kwargs)
+        bound.apply_defaults()
+        settings = self.variant.settings(bound.arguments)
+        initial_lr, meta_lr, beta = settings["initial_lr"], settings["meta_lr"], settings["beta"]
         _validate(initial_lr, meta_lr, beta)
         self.alpha, self.beta = _per_seed_or_float(initial_lr), _per_seed_or_float(beta)
-        self.num_layers, self.block_size = num_layers, block_size
-        self.preconditioner = self._make_preconditioner()  # validates the shape now, not inside a compiled loop
-        self.meta_optimizer = meta_optimizers.make(meta_optimizer, _per_seed_or_float(meta_lr))
+        for key in self.variant.preconditioner_fields:  # num_layers, block_size, …
+            setattr(self, key, settings[key])
+        # validates the preconditioner's fields now, not inside a compiled loop
+        self.preconditioner = self.variant.make_preconditioner(settings)
+        self.meta_optimizer = meta_optimizers.make(settings["meta_optimizer"], _per_seed_or_float(meta_lr))
 
         def init(n, seeds, dtype):
             for name, value in (("initial_lr", initial_lr), ("meta_lr", meta_lr), ("beta", beta)):
@@ -51,63 +68,22 @@ class MultiSeedLODO(FunctionalOptimizer):
 
         super().__init__(self.name, init, update)
 
-    def _make_preconditioner(self):
-        """G(φ); the ablations override this."""
-        preconditioner = algorithm.BlockPermutationPreconditioner(self.num_layers, self.block_size)
-        preconditioner.network(1)
-        return preconditioner
-
     def preconditioner_times(self, matrix):
         state = self.state()
         alpha = meta_optimizers.scalar(self.alpha, matrix.dtype) if is_per_seed(self.alpha) else self.alpha
         return algorithm.precondition(self.preconditioner, state.weights, state.constants, alpha, matrix)
 
 
-class MultiSeedLODODiagonal(MultiSeedLODO):
-    name = "lodo_diagonal"
-
-    def __init__(self, initial_lr=ablations.DIAGONAL_DEFAULTS.initial_lr, meta_lr=ablations.DIAGONAL_DEFAULTS.meta_lr,
-                 beta=ablations.DIAGONAL_DEFAULTS.beta, meta_optimizer="adam"):
-        super().__init__(initial_lr, meta_lr, beta, meta_optimizer=meta_optimizer)
-
-    def _make_preconditioner(self):
-        return ablations.DiagonalPreconditioner()
+def _engine_class(variant: variants.Variant) -> type:
+    """A subclass of ``MultiSeedLODO`` for an ablation's row."""
+    name = "MultiSeed" + variant.class_name
+    cls = types.new_class(name, (MultiSeedLODO,),
+                          exec_body=lambda ns: ns.update({"__module__": __name__, "__qualname__": name}))
+    return _describe(cls, variant)
 
 
-class MultiSeedLODOGlobal(MultiSeedLODO):
-    name = "lodo_global"
-
-    def __init__(self, initial_lr=ablations.GLOBAL_DEFAULTS.initial_lr, meta_lr=ablations.GLOBAL_DEFAULTS.meta_lr,
-                 beta=ablations.GLOBAL_DEFAULTS.beta, meta_optimizer="adam"):
-        super().__init__(initial_lr, meta_lr, beta, meta_optimizer=meta_optimizer)
-
-    def _make_preconditioner(self):
-        return ablations.GlobalPreconditioner()
-
-
-class MultiSeedLODOResiduals(MultiSeedLODO):
-    name = "lodo_residuals"
-
-    def __init__(self, initial_lr=ablations.RESIDUALS_DEFAULTS.initial_lr,
-                 meta_lr=ablations.RESIDUALS_DEFAULTS.meta_lr, beta=ablations.RESIDUALS_DEFAULTS.beta,
-                 num_layers=64, meta_optimizer="adam"):
-        super().__init__(initial_lr, meta_lr, beta, num_layers=num_layers, meta_optimizer=meta_optimizer)
-
-    def _make_preconditioner(self):
-        return ablations.ResidualPreconditioner(self.num_layers)
-
-
-class MultiSeedLODONoMomentum(MultiSeedLODO):
-    name = "lodo_no_momentum"
-
-    def __init__(self, initial_lr=ablations.NO_MOMENTUM_DEFAULTS.initial_lr,
-                 meta_lr=ablations.NO_MOMENTUM_DEFAULTS.meta_lr, num_layers=16, block_size=4, meta_optimizer="adam"):
-        super().__init__(initial_lr, meta_lr, 0.0, num_layers, block_size, meta_optimizer)
-
-
-class MultiSeedLODOSGD(MultiSeedLODO):
-    name = "lodo_sgd"
-
-    def __init__(self, initial_lr=ablations.SGD_DEFAULTS.initial_lr, meta_lr=ablations.SGD_DEFAULTS.meta_lr,
-                 beta=ablations.SGD_DEFAULTS.beta, num_layers=16, block_size=4):
-        super().__init__(initial_lr, meta_lr, beta, num_layers, block_size, "sgd")
+_describe(MultiSeedLODO, variants.LODO)
+for _variant in variants.VARIANTS:
+    if _variant is not variants.LODO:
+        globals()["MultiSeed" + _variant.class_name] = _engine_class(_variant)
+__all__ = ["MultiSeed" + v.class_name for v in variants.VARIANTS]

@@ -21,8 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from optimizers import any_per_seed, check_range, seed_values
-from lodo.functional import FunctionalOptimizer, KerasOptimizer
+from lodo.functional import FunctionalOptimizer, KerasOptimizer, any_per_seed, check_range, seed_values
 
 
 class PerSeedRule(FunctionalOptimizer):

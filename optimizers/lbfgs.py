@@ -33,8 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from optimizers import any_per_seed, is_per_seed, seed_values
-from lodo.functional import FunctionalOptimizer
+from lodo.functional import FunctionalOptimizer, any_per_seed, is_per_seed, seed_values
 
 INITIAL_SCALE = 1e-10  # γ before any (s, y) pair exists
 

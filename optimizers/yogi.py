@@ -17,8 +17,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from optimizers import any_per_seed, check_range, is_per_seed
-from lodo.functional import KerasOptimizer
+from lodo.functional import KerasOptimizer, any_per_seed, check_range, is_per_seed
 
 
 @keras.saving.register_keras_serializable(package="lodo_baselines")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, algorithm
-from lodo.ablations import DiagonalPreconditioner, GlobalPreconditioner, ResidualPreconditioner
+import lodo
+from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, variants
+from lodo import preconditioners as pc
 from lodo.experiment.engine import Engine
 from lodo.experiment import registry
 
@@ -38,9 +39,9 @@ def dense_reference(kind, weights, constants, alpha, n):
 
 
 PRECONDITIONERS = {
-    "diagonal": DiagonalPreconditioner(),
-    "global": GlobalPreconditioner(),
-    "residuals": ResidualPreconditioner(num_layers=5),
+    "diagonal": pc.Diagonal(),
+    "global": pc.Global(),
+    "residuals": pc.Residual(num_layers=5),
 }
 
 
@@ -75,7 +76,7 @@ def test_g_times_v_matches_a_dense_matrix_and_is_symmetric_psd(kind, n):
 
 
 def test_residual_layout_and_per_seed_independence():
-    pre = ResidualPreconditioner(num_layers=64)
+    pre = pc.Residual(num_layers=64)
     (d, w), (perms, inverse) = pre.init(300, [4, 9], tf.float64)
     assert d.shape == (2, 600) and w.shape == (2, 64, 600) and perms.shape == (2, 64, 600)
     np.testing.assert_array_equal(d, 1.0)
@@ -87,7 +88,7 @@ def test_residual_layout_and_per_seed_independence():
     np.testing.assert_array_equal(perms_alone[0], perms[1])
     assert not np.array_equal(perms[0], perms[1])
     with pytest.raises(ValueError, match="num_layers"):
-        ResidualPreconditioner(num_layers=0)
+        pc.Residual(num_layers=0)
 
 
 @pytest.mark.parametrize("kind", sorted(PRECONDITIONERS))
@@ -153,6 +154,43 @@ FRONT_ENDS = {  # small networks: LODO's unrolled block network compiles slowly
 }
 
 
+@pytest.mark.parametrize("variant", variants.VARIANTS, ids=lambda v: v.name)
+def test_both_front_ends_are_generated_from_the_variant_table(variant):
+    """Each row is a registered Keras class and an engine class (the ones its YAML names) with the row's
+    keywords and defaults: the preconditioner's fields, less the pinned hyperparameters (and the
+    Keras-only seed, name, plan)."""
+    entry = registry.optimizer(variant.name)
+    keras_cls, engine_cls = (registry.resolve(entry.keras, "keras"), registry.resolve(entry.engine, "engine"))
+    assert keras_cls is getattr(lodo, variant.class_name) and entry.label == variant.label
+    assert keras_cls.__name__ == variant.class_name and engine_cls.__name__ == "MultiSeed" + variant.class_name
+    assert keras.saving.get_registered_object(f"lodo>{variant.class_name}") is keras_cls
+    assert issubclass(keras_cls, LODO) and keras_cls.variant is variant and engine_cls.variant is variant
+    engine = {k: p.default for k, p in inspect.signature(engine_cls).parameters.items()}
+    keras_keywords = {k: p.default for k, p in inspect.signature(keras_cls).parameters.items() if k != "kwargs"}
+    assert engine == variant.hyperparameters()
+    assert list(engine) == [k for k in ("initial_lr", "meta_lr", "beta", *variant.preconditioner_fields,
+                                        "meta_optimizer") if k not in variant.pinned]
+    assert keras_keywords == dict(engine, seed=0, name=variant.name, plan="auto")
+    assert not set(variant.pinned) & set(keras_cls().get_config())
+    assert variant.label in keras_cls.__doc__ and variant.label in engine_cls.__doc__
+    for key, value in variant.pinned.items():
+        assert getattr(keras_cls(), {"meta_optimizer": "meta_optimizer_name"}.get(key, key)) == value
+        with pytest.raises(ValueError, match=f"pins {key}"):
+            keras_cls(**{key: value})
+        with pytest.raises(TypeError):
+            engine_cls(**{key: value})
+
+
+def test_variant_defaults_are_the_papers():
+    """LODO's bowl values and the ablations' image-generation values (Table 6, before halving)."""
+    defaults = {v.name: (v.defaults.initial_lr, v.defaults.meta_lr, v.defaults.beta) for v in variants.VARIANTS}
+    assert defaults == {"lodo": (0.270, 0.00096, 0.195), "lodo_diagonal": (0.1325, 0.0005196, 0.9860),
+                        "lodo_global": (0.05583, 7.946e-6, 0.9525), "lodo_residuals": (0.02134, 7.946e-6, 0.9301),
+                        "lodo_no_momentum": (0.08459, 7.946e-6, 0.0), "lodo_sgd": (0.1035, 0.0007196, 0.9499)}
+    assert variants.RESIDUALS.preconditioner_fields == {"num_layers": 64}
+    assert variants.NO_MOMENTUM.pinned == {"beta": 0.0} and variants.SGD.pinned == {"meta_optimizer": "sgd"}
+
+
 @pytest.mark.parametrize("name", sorted(FRONT_ENDS))
 def test_config_lists_every_hyperparameter_with_the_class_defaults(name):
     entry = registry.optimizer(name)
@@ -201,7 +239,7 @@ def test_lodo_sgd_meta_step_is_plain_gradient_descent(float64_keras):
     expected, _ = keras_bowl_trajectory(LODO(**hp, meta_optimizer="sgd", seed=2), bowl, 2, 15)
     theta, states = keras_bowl_trajectory(LODOSGD(**hp, seed=2), bowl, 2, 15)
     np.testing.assert_array_equal(theta, expected)
-    pre = algorithm.BlockPermutationPreconditioner(num_layers=3)
+    pre = pc.BlockPermutation(num_layers=3)
     for previous, grad, state in states[1:]:
         hyper = pre.hypergradient(*(tf.nest.map_structure(tf.constant, (previous.weights, previous.constants))),
                                   hp["initial_lr"], tf.constant(previous.momentum), tf.constant(grad))

@@ -6,13 +6,13 @@ import pytest
 import tensorflow as tf
 
 from lodo import LODO, algorithm, meta_optimizers
-from lodo import preconditioner as bp
+from lodo import preconditioners as pc
 from lodo.experiment import registry
 
 
 def random_state(n, seeds=(0, 1), num_layers=5, block_size=4, perturb=0.3):
     """Permutations and blocks of ``len(seeds)`` seeds; ``perturb`` moves the blocks off orthogonal."""
-    pre = algorithm.BlockPermutationPreconditioner(num_layers, block_size)
+    pre = pc.BlockPermutation(num_layers, block_size)
     weights, constants = pre.init(n, list(seeds), tf.float64)
     rng = np.random.default_rng(42)
     weights = tuple(w + perturb * rng.standard_normal(w.shape) for w in weights)
@@ -21,15 +21,15 @@ def random_state(n, seeds=(0, 1), num_layers=5, block_size=4, perturb=0.3):
 
 @pytest.mark.parametrize("n", [1, 5, 8, 13])
 def test_padded_size_is_the_next_multiple_of_k_strictly_above_2n(n):
-    padded = bp.padded_size(n, 4)
+    padded = pc.padded_size(n, 4)
     assert padded % 4 == 0 and 2 * n < padded <= 2 * n + 4
-    assert (bp.padded_size(100, 4), bp.padded_size(2, 4), bp.padded_size(94_696, 4)) == (204, 8, 189_396)
+    assert (pc.padded_size(100, 4), pc.padded_size(2, 4), pc.padded_size(94_696, 4)) == (204, 8, 189_396)
 
 
 def test_initial_preconditioner_is_alpha_times_identity():
-    pre = algorithm.BlockPermutationPreconditioner()  # the paper's N = 16, k = 4
+    pre = pc.BlockPermutation()  # the paper's N = 16, k = 4
     weights, constants = pre.init(37, [0, 3], tf.float64)
-    dense = bp.dense_matrix(weights, constants[0], 0.27, 37)
+    dense = pc.dense_matrix(weights, constants[0], 0.27, 37)
     np.testing.assert_allclose(dense, 0.27 * np.eye(37)[None].repeat(2, 0), atol=1e-12)
     v = tf.constant(np.random.default_rng(0).standard_normal((2, 37)))
     np.testing.assert_allclose(pre.apply(weights, constants, 0.27, v).numpy(), 0.27 * v.numpy(), atol=1e-12)
@@ -38,7 +38,7 @@ def test_initial_preconditioner_is_alpha_times_identity():
 @pytest.mark.parametrize("n", [3, 6, 10, 17])
 def test_apply_equals_the_dense_matrix_which_is_symmetric_psd(n):
     pre, weights, constants = random_state(n)
-    dense = bp.dense_matrix(weights, constants[0], 0.5, n)
+    dense = pc.dense_matrix(weights, constants[0], 0.5, n)
     for g in dense:
         np.testing.assert_allclose(g, g.T, atol=1e-12)
         assert np.linalg.eigvalsh(g).min() > -1e-10
@@ -60,11 +60,11 @@ def test_hypergradient_equals_central_finite_differences():
     theta, m = rng.standard_normal(n), rng.standard_normal(n)
 
     def loss(ws):
-        dense = bp.dense_matrix(ws, constants[0], alpha, n)[0]
+        dense = pc.dense_matrix(ws, constants[0], alpha, n)[0]
         x = theta - dense @ m
         return 0.5 * x @ hess @ x
 
-    g = hess @ (theta - bp.dense_matrix(weights, constants[0], alpha, n)[0] @ m)
+    g = hess @ (theta - pc.dense_matrix(weights, constants[0], alpha, n)[0] @ m)
     hyper = pre.hypergradient(weights, constants, alpha, tf.constant(m[None]), tf.constant(g[None]))
     eps = 1e-6
     for layer in range(len(weights)):
@@ -90,7 +90,7 @@ def test_one_gradient_per_step_equals_backprop_through_the_step(float64_keras):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
     problem = bowl.setup([4])
     alpha, beta, meta_lr, steps = 0.3, 0.6, 0.01, 50
-    pre = algorithm.BlockPermutationPreconditioner(num_layers=4, block_size=4)
+    pre = pc.BlockPermutation(num_layers=4, block_size=4)
 
     def batch(t, center):
         return bowl.next_batch(problem, center, tf.constant(t, tf.int64))
@@ -157,7 +157,7 @@ def test_keras_lodo_trains_with_fit_and_matches_the_functional_form(float64_kera
 
     manual = model()
     variables = manual.trainable_variables
-    pre = algorithm.BlockPermutationPreconditioner(hp["num_layers"], hp["block_size"])
+    pre = pc.BlockPermutation(hp["num_layers"], hp["block_size"])
     meta = meta_optimizers.Adam(hp["meta_lr"])
     n = sum(int(np.prod(v.shape)) for v in variables)
     state = algorithm.init(n, [9], pre, meta, tf.float64)
@@ -188,10 +188,25 @@ def test_keras_lodo_config_round_trips_and_rejects_bad_shapes():
     assert LODO(meta_lr=0.0).meta_lr == 0.0  # a frozen preconditioner is a valid control run
 
 
+def test_frozen_meta_optimizer_keeps_phi_even_when_the_hypergradient_overflows():
+    """A diverging run's gradient is inf; φ must stay bit for bit (Adam or SGD at rate 0 would make 0·inf = nan)."""
+    pre, weights, constants = random_state(6, seeds=(2,), num_layers=3)
+    state = algorithm.LODOState(weights, constants, tf.ones([1, 6], tf.float64), ())
+    grad = tf.constant([[np.inf, -np.inf, 1.0, 2.0, 3.0, 4.0]], tf.float64)
+    step, new = algorithm.update(state, grad, alpha=0.3, beta=0.5, preconditioner=pre,
+                                 meta_optimizer=meta_optimizers.Frozen())
+    for before, after in zip(weights, new.weights):
+        np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(new.momentum, 0.5 * np.ones([1, 6]) + 0.5 * grad.numpy())
+    hyper = pre.hypergradient(weights, constants, 0.3, state.momentum, grad)
+    zero_rate, _ = meta_optimizers.SGD(0.0).update(weights, hyper, ())
+    assert np.isnan(zero_rate[0].numpy()).any()  # why Frozen exists
+
+
 def test_memory_is_n_log_n_not_n_squared():
     """n = 10⁵: every tensor in one compiled LODO update is O(N·ñ·k); an n×n one would be 10¹⁰ entries."""
     n = 100_000
-    pre = algorithm.BlockPermutationPreconditioner()
+    pre = pc.BlockPermutation()
     meta = meta_optimizers.Adam(1e-3)
     state = algorithm.init(n, [0], pre, meta, tf.float32)
 
@@ -207,6 +222,6 @@ def test_memory_is_n_log_n_not_n_squared():
          if t.shape.rank is not None and t.shape.is_fully_defined()),
         default=0,
     )
-    padded = bp.padded_size(n, 4)
+    padded = pc.padded_size(n, 4)
     assert largest <= 2 * padded * 4 * 2  # a layer's blocks times two columns: O(ñ·k), far below n²
     assert np.isfinite(step.numpy()).all()

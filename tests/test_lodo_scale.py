@@ -1,8 +1,10 @@
 """The Keras LODO's layerwise core against the functional reference, and its memory accounting.
 
 ``lodo.algorithm.update`` (itself checked against dense matrices and finite
-differences in test_lodo.py) is the reference: the Keras optimizer must follow
-it step for step under every memory plan, for LODO and every ablation.
+differences in test_lodo.py) is the reference: the Keras optimizer, whose
+block-permutation variants run on ``lodo.layerwise`` (the fused form of that
+update), must follow it step for step under every memory plan, for LODO and
+every variant of ``lodo.variants``.
 """
 
 import keras
@@ -11,9 +13,10 @@ import pytest
 import tensorflow as tf
 import two_devices
 
+import lodo
 from lodo import LODO, LODOSGD, LODODiagonal, LODOGlobal, LODONoMomentum, LODOResiduals, algorithm, layerwise
-from lodo import meta_optimizers
-from lodo import preconditioner as bp
+from lodo import meta_optimizers, variants
+from lodo import preconditioners as pc
 
 HP = dict(initial_lr=0.2, meta_lr=0.01, beta=0.6)
 
@@ -26,7 +29,7 @@ def model(dtype):
 
 def reference_parts(optimizer):
     """The preconditioner, meta-optimizer and β that ``algorithm.update`` needs for ``optimizer``."""
-    return optimizer._make_preconditioner(), meta_optimizers.make(optimizer.meta_optimizer_name,
+    return optimizer.preconditioner, meta_optimizers.make(optimizer.meta_optimizer_name,
                                                                   optimizer.meta_lr), optimizer.beta
 
 
@@ -77,7 +80,7 @@ def test_keras_lodo_follows_the_functional_reference_in_float64(float64_keras, p
     for states in trajectories(optimizer, "float64", steps=6):
         assert_same(*states, rtol=1e-12, atol=1e-14)
     assert optimizer.layerwise and isinstance(optimizer.plan, layerwise.Plan)
-    moved = np.abs(states[0].weights[0] - algorithm.init(50, [4], optimizer._make_preconditioner())
+    moved = np.abs(states[0].weights[0] - algorithm.init(50, [4], optimizer.preconditioner)
                    .weights[0].numpy()).max()
     assert moved > 1e-4  # φ was trained, so the comparison covers the meta-steps
 
@@ -97,11 +100,16 @@ ABLATIONS = {
 }
 
 
+def test_every_variant_of_the_table_has_a_parity_case():
+    assert {LODO, *ABLATIONS} == {getattr(lodo, v.class_name) for v in variants.VARIANTS}
+
+
 @pytest.mark.parametrize("cls", list(ABLATIONS), ids=lambda c: c.__name__)
 def test_every_ablation_follows_the_functional_reference(float64_keras, cls):
     optimizer = cls(**ABLATIONS[cls], seed=2, plan="lean")
     # The block-permutation ablations run on the layerwise core; the others on algorithm.update itself.
     assert optimizer.layerwise == (cls in (LODONoMomentum, LODOSGD))
+    assert optimizer.layerwise == (cls.variant.preconditioner is pc.BlockPermutation)
     for states in trajectories(optimizer, "float64", steps=5):
         assert_same(*states, rtol=1e-12, atol=1e-14)
 
@@ -148,9 +156,9 @@ def test_layers_are_updated_top_down_one_segment_at_a_time(float64_keras):
 
 
 def test_streamed_draws_are_the_reference_draws_in_any_chunk():
-    network = bp.BlockNetwork(37, num_layers=3, block_size=4)
-    perms, blocks = network.draw(np.random.default_rng([5, algorithm.RNG_STREAM]))
-    streamed = list(network.stream(np.random.default_rng([5, algorithm.RNG_STREAM]), np.float32, chunk=5))
+    network = pc.BlockNetwork(37, num_layers=3, block_size=4)
+    perms, blocks = network.draw(np.random.default_rng([5, pc.RNG_STREAM]))
+    streamed = list(network.stream(np.random.default_rng([5, pc.RNG_STREAM]), np.float32, chunk=5))
     assert [(kind, i) for kind, i, _ in streamed] == [("perm", i) for i in range(3)] + [("blocks", i) for i in range(3)]
     for i in range(3):
         np.testing.assert_array_equal(streamed[i][2], perms[i])
@@ -161,7 +169,7 @@ def test_streamed_draws_are_the_reference_draws_in_any_chunk():
 def test_built_state_is_the_reference_initial_state(float64_keras):
     optimizer = LODO(num_layers=4, seed=6, plan="fast")
     optimizer.build(model("float64").trainable_variables)
-    reference = algorithm.init(50, [6], algorithm.BlockPermutationPreconditioner(4), meta_optimizers.Adam(1e-3),
+    reference = algorithm.init(50, [6], pc.BlockPermutation(4), meta_optimizers.Adam(1e-3),
                                tf.float64)
     for a, b in zip(tf.nest.flatten(optimizer.state()), tf.nest.flatten(reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -175,7 +183,7 @@ def test_state_bytes_per_parameter(plan):
     n, num_layers, k = 1000, 16, 4
     optimizer = LODO(num_layers=num_layers, block_size=k, plan=plan)
     optimizer.build([keras.Variable(np.zeros(n, np.float32))])
-    padded = bp.padded_size(n, k)
+    padded = pc.padded_size(n, k)
     permutations = 2 * num_layers if plan == "fast" else num_layers + 1  # p and p⁻¹, or p⁻¹ and 0…ñ−1
     expected = 3 * num_layers * padded * k * 4 + permutations * padded * 4 + n * 4 + 8
     assert optimizer.state_bytes == expected
@@ -183,7 +191,7 @@ def test_state_bytes_per_parameter(plan):
 
 
 def test_plan_choice_switches_to_lean_for_big_models():
-    small, big = bp.BlockNetwork(94_696), bp.BlockNetwork(11_200_000)  # the PixelCNN and ResNet-18
+    small, big = pc.BlockNetwork(94_696), pc.BlockNetwork(11_200_000)  # the PixelCNN and ResNet-18
     assert layerwise.Plan.choose(small, 4) == layerwise.Plan(segment=16, inverse=True)
     assert layerwise.Plan.choose(big, 4) == layerwise.Plan(segment=2, inverse=False)
     assert layerwise.Plan(segment=4, inverse=False).segments(16) == [(0, 4), (4, 8), (8, 12), (12, 16)]
@@ -197,7 +205,7 @@ def test_lean_step_updates_in_place_and_holds_only_a_segment_of_activations():
     variables = [keras.Variable(np.zeros(n, np.float32))]
     optimizer = LODO(num_layers=num_layers, block_size=k, plan="lean")
     optimizer.build(variables)
-    padded = bp.padded_size(n, k)
+    padded = pc.padded_size(n, k)
     programs = optimizer._core.compiled(optimizer._layer_state, variables)
     assert list(programs) == [f"segment {lo}-{lo + 1}" for lo in range(0, num_layers, 2)]
     for name, proto in programs.items():

@@ -248,11 +248,11 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
     import tensorflow as tf
     from tqdm import tqdm
 
-    import optimizers
     from lodo.experiment import metrics, outputs, registry
     from lodo.experiment.checkpoints import RunCheckpoint
     from lodo.experiment.engine import Engine, Trace
     from lodo.experiment.preemption import Preemption
+    from lodo.functional import EngineOptimizer
 
     try:
         task = registry.build_task(cfg.task.name, **registry.task_options(cfg.task))
@@ -268,7 +268,7 @@ def run_small_task(cfg: DictConfig, out_dir: Path) -> dict:
     frozen = cfg.get("frozen") or {}
     frozen_task = None
     if frozen.get("steps"):
-        if type(optimizer).preconditioner_times is optimizers.EngineOptimizer.preconditioner_times:
+        if type(optimizer).preconditioner_times is EngineOptimizer.preconditioner_times:
             raise ConfigError(f"the frozen test needs an optimizer with a learned preconditioner (e.g. lodo), "
                               f"not {cfg.optimizer.name!r}")
         try:

@@ -9,17 +9,44 @@ inside LODO and works for every optimizer with ``preconditioner_times``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 
-from lodo import meta_optimizers
+from lodo import algorithm, meta_optimizers
 from lodo.experiment.engine import Engine, Trace
-from lodo.functional import EngineOptimizer
+from lodo.functional import EngineOptimizer, FunctionalOptimizer
+from lodo.preconditioners import as_columns
 
 
-class FrozenPreconditioner(EngineOptimizer):
+@dataclass(frozen=True)
+class TrainedPreconditioner:
+    """A trained optimizer's G in the interface of ``lodo.preconditioners``, with no weights of its own.
+
+    ``apply`` asks the trained optimizer, whose G already includes its α0, so ``alpha`` is not used;
+    there is nothing to learn, so the hypergradient is empty.
+    """
+
+    trained: EngineOptimizer
+    per_seed_alpha = True  # never scaled by algorithm.update: the trained G has its own α0
+
+    def init(self, n, seeds, dtype):
+        return (), ()
+
+    def apply(self, weights, constants, alpha, v):
+        x, columns = as_columns(v)
+        y = self.trained.preconditioner_times(x)
+        return y if columns else y[..., 0]
+
+    def hypergradient(self, weights, constants, alpha, m, g):
+        return ()
+
+
+class FrozenPreconditioner(FunctionalOptimizer):
     """LODO's step without its meta-update: m ← βm + (1 − β)g, θ ← θ − G(φ)m, φ fixed.
 
+    That is ``lodo.algorithm.update`` with the trained G and the ``Frozen`` meta-optimizer.
     G and β come from the trained optimizer; the momentum restarts at 0
     because the new problem starts afresh (θ0 = 0, center 0).
     """
@@ -29,23 +56,24 @@ class FrozenPreconditioner(EngineOptimizer):
     def __init__(self, trained: EngineOptimizer):
         self.trained = trained
         self.beta = float(getattr(trained, "beta", 0.0))
-        self.momentum = None
+        self.preconditioner = TrainedPreconditioner(trained)
+        meta = meta_optimizers.Frozen()
+
+        def init(n, seeds, dtype):
+            return algorithm.init(n, seeds, self.preconditioner, meta, dtype)
+
+        def update(state, grad, params, oracle):
+            # alpha = 1: unused, the trained G carries its own α0 (see TrainedPreconditioner).
+            return algorithm.update(state, grad, alpha=1.0, beta=self.beta, preconditioner=self.preconditioner,
+                                    meta_optimizer=meta)
+
+        super().__init__(self.name, init, update)
 
     def build(self, params, seeds):
         probe = tf.zeros([params.shape[0], params.shape[1], 1], params.dtype)
         if self.trained.preconditioner_times(probe) is None:
             raise ValueError(f"optimizer {self.trained.name!r} has no learned preconditioner to freeze")
-        self.momentum = tf.Variable(tf.zeros_like(params), trainable=False, name="frozen_momentum")
-
-    def step(self, params, grad, oracle):
-        beta = meta_optimizers.scalar(self.beta, grad.dtype)
-        momentum = beta * self.momentum + (1 - beta) * grad
-        self.momentum.assign(momentum)
-        params.assign_sub(self.trained.preconditioner_times(momentum[..., None])[..., 0])
-
-    @property
-    def variables(self):
-        return [self.momentum]
+        super().build(params, seeds)
 
     def preconditioner_times(self, matrix):
         return self.trained.preconditioner_times(matrix)
