@@ -188,8 +188,7 @@ def test_rosenbrock_trajectory_and_table8_report(tmp_path, capsys):
 
     # The same run again, engine only: its parameters after the last step are the trajectory's last row.
     task = registry.build_task("rosenbrock")
-    hp = dict(composed("task=rosenbrock", "optimizer=momentum").optimizer)
-    hp.pop("name")
+    hp = registry.optimizer_options(composed("task=rosenbrock", "optimizer=momentum").optimizer)
     engine = Engine(task, registry.build_engine_optimizer("momentum", **hp), [0, 1], chunk_size=30)
     engine.run(30)
     last = points[points.step == 30].sort_values("seed")[["theta_0", "theta_1"]].to_numpy()
