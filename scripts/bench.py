@@ -24,7 +24,7 @@ from lodo.experiment.engine import Engine
 from lodo.experiment import provenance
 from lodo.experiment.outputs import atomic_write_text
 from lodo.experiment import registry
-from lodo.experiment.cli import CONFIG_DIR
+from lodo.experiment.registry import CONFIG_DIR
 
 IMAGE_BENCHES = ("The image tasks' step times (`make bench-images`, which `make bench` runs next): every optimizer of "
                  "Tables 2 and 3 on the PixelCNN at batch 256 in `results/bench_pixelcnn_mnist.md`, Table 4's on "

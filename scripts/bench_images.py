@@ -32,7 +32,7 @@ TABLE4 = ["adam", "momentum", "rmsprop", "yogi", "lars", "lodo"]
 def compose(task: str, optimizer: str, batch: int):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from lodo.experiment.cli import CONFIG_DIR
+    from lodo.experiment.registry import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=[f"task={task}", f"optimizer={optimizer}", "task.data.source=synthetic",
@@ -42,17 +42,17 @@ def compose(task: str, optimizer: str, batch: int):
 def time_optimizer(task_name: str, optimizer: str, batch: int, steps: int, repeats: int) -> dict:
     import tensorflow as tf
 
-    from lodo.experiment.trainer import SeedTrainer, build_task
+    from lodo.experiment.keras_trainer import KerasSeedRunner, build_task
 
     cfg = compose(task_name, optimizer, batch)
     task = build_task(cfg)
-    trainer = SeedTrainer(cfg, task, tf.distribute.get_strategy(), seed=0)
-    iterator = trainer.dataset(0)
-    trainer.train(iterator, 2)  # compiles
+    trainer = KerasSeedRunner(cfg, task, tf.distribute.get_strategy(), seed=0)
+    trainer.compile()
+    trainer.train(2)  # the first steps (allocations, input pipeline warm-up) are not timed
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        trainer.train(iterator, steps)
+        trainer.train(steps)
         times.append((time.perf_counter() - started) / steps)
     per_step = float(np.median(times))
     return {"optimizer": optimizer, "ms_per_step": 1000 * per_step, "steps_per_s": 1 / per_step,
@@ -66,8 +66,8 @@ def checkpoint_cost(result: dict) -> dict:
     trainer, cfg = result["trainer"], result["cfg"]
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = RunCheckpoint(Path(folder), keep=cfg.checkpoint.keep, every_s=cfg.checkpoint.every_s,
-                                   model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
-        record = {"record": {}, "losses": np.zeros(300_000, np.float32)}  # a long run's losses, as the trainer saves them
+                                   **trainer.trackables())
+        record = {"trace_losses": np.zeros((300_000, 1))}  # a long run's losses, as the training loop saves them
         durations = []
         for i in range(3):
             started = time.perf_counter()

@@ -18,6 +18,11 @@ PROBLEM_STREAM = 0x7A5C  # the task's fixed constants (e.g. the bowl's eigenvect
 NOISE_STREAM = 0x0A15E  # per-step minibatch randomness
 
 
+def last_one_percent(steps_done: int) -> tuple[int, int]:
+    """The paper's report window (SPEC §5): steps [start, stop) of the last 1% of a run, at least one step."""
+    return steps_done - max(1, steps_done // 100), steps_done
+
+
 def problem_rng(seed: int, offset: int = 0) -> np.random.Generator:
     """Seed ``seed``'s problem constants; ``offset`` k > 0 draws the seed's k-th other problem."""
     return np.random.default_rng([int(seed), PROBLEM_STREAM] + ([int(offset)] if offset else []))
@@ -69,7 +74,7 @@ class SmallTask:
 
     def report_window(self, steps_done: int) -> tuple[int, int]:
         """Steps [start, stop) whose mean training loss is the reported figure (last 1%)."""
-        return steps_done - max(1, steps_done // 100), steps_done
+        return last_one_percent(steps_done)
 
     # How the run's summary names ``optimum_loss`` (None: not printed, e.g. a minimum of 0 that says nothing).
     optimum_label: str | None = None

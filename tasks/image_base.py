@@ -1,4 +1,4 @@
-"""What an image task offers the image trainer (``lodo.experiment.trainer``).
+"""What an image task offers the Keras chunk runner (``lodo.experiment.keras_trainer``).
 
 An image task is a Keras model plus data, and knows nothing about
 optimizers, flat parameter vectors, devices or checkpoints. Its training
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from tasks.base import last_one_percent
 
 
 class DataError(RuntimeError):
@@ -45,6 +47,10 @@ class ImageTask:
     def regularization(self, model: keras.Model) -> tf.Tensor:
         """Added once to the mean loss (e.g. L2 weight decay); 0 by default."""
         return tf.constant(0.0)
+
+    def report_window(self, steps_done: int) -> tuple[int, int]:
+        """Steps [start, stop) whose mean training loss is the reported figure (last 1%)."""
+        return last_one_percent(steps_done)
 
     def validation_data(self) -> tf.data.Dataset | None:
         """Batches ``(x, y)`` of a fixed validation set, or None."""

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lodo.experiment import aggregate
-from lodo.experiment.cli import CONFIG_DIR, run_small_task
+from lodo.experiment import job
+from lodo.experiment.registry import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -84,7 +85,7 @@ def test_a_real_run_folder_and_the_command_line(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["optimizer=adam", "task.dim=6", "steps=40", "num_seeds=2",
                                            "chunk_size=20", "progress=false"])
-    stored = run_small_task(cfg, tmp_path / "multirun" / "adam")
+    stored = job.run(cfg, tmp_path / "multirun" / "adam")
     (tmp_path / "multirun" / "lodo").mkdir()
     (tmp_path / "multirun" / "lodo" / "config.yaml").write_text("seed: 0\n")  # started, never finished
     before = sorted(p for p in (tmp_path / "multirun").rglob("*"))

@@ -158,10 +158,10 @@ def test_stop_after_a_chunk_checkpoint_restore_and_continue_bit_for_bit(tmp_path
     first = engine()
     stopped = first.run(60, hessian_every=20, after_chunk=lambda trace: trace.steps_done >= 30)
     assert stopped.steps_done == 30
-    RunCheckpoint(tmp_path, **first.state()).save(30, stopped.to_arrays())
+    RunCheckpoint(tmp_path, **first.trackables()).save(30, stopped.to_arrays())
 
     second = engine()
-    restored = RunCheckpoint(tmp_path, **second.state()).restore()
+    restored = RunCheckpoint(tmp_path, **second.trackables()).restore()
     assert restored["step"] == 30
     trace = second.run(60, hessian_every=20, trace=Trace.from_arrays([3, 4], restored))
     np.testing.assert_array_equal(second.params.numpy(), whole.params.numpy())

@@ -21,7 +21,9 @@ from hydra.types import RunMode
 from lodo.experiment import metrics
 from lodo.experiment.engine import Engine
 from lodo.experiment.frozen import growth_rate
-from lodo.experiment.cli import CONFIG_DIR, ConfigError, run_small_task
+from lodo.experiment import job
+from lodo.experiment.config import ConfigError
+from lodo.experiment.registry import CONFIG_DIR
 from lodo.experiment import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +133,7 @@ def test_frozen_run_records_divergence_and_matches_numpy(tmp_path, capsys):
                    f"optimizer.initial_lr={alpha}", "optimizer.beta=0.0", "optimizer.num_layers=4",
                    f"frozen.steps={steps}", "frozen.divergence_factor=1e6", "chunk_size=200")
     run_dir = tmp_path / "runs" / "lodo"
-    summary = run_small_task(cfg, run_dir)
+    summary = job.run(cfg, run_dir)
     frozen = summary["frozen"]
     assert frozen["after_steps"] == 1 and frozen["diverged_seeds"] == 2 and frozen["control"]["diverged_seeds"] == 2
     assert all(s is not None and s < steps for s in frozen["nonfinite_step_per_seed"])  # overflowed, no crash
@@ -171,7 +173,7 @@ def test_frozen_run_records_divergence_and_matches_numpy(tmp_path, capsys):
 
 def test_frozen_test_needs_a_learned_preconditioner(tmp_path):
     with pytest.raises(ConfigError, match="learned preconditioner") as err:
-        run_small_task(composed("optimizer=adam", "frozen.steps=10", "steps=5", "progress=false"), tmp_path)
+        job.run(composed("optimizer=adam", "frozen.steps=10", "steps=5", "progress=false"), tmp_path)
     assert "\n" not in str(err.value)
 
 
@@ -179,7 +181,7 @@ def test_rosenbrock_trajectory_and_table8_report(tmp_path, capsys):
     runs = tmp_path / "runs"
     for name in ("adam", "momentum"):
         cfg = composed("task=rosenbrock", f"optimizer={name}", "steps=30", "num_seeds=2", "progress=false")
-        run_small_task(cfg, runs / name)
+        job.run(cfg, runs / name)
     points = pd.read_csv(runs / "momentum" / "trajectory.csv")
     assert list(points.columns) == ["seed", "step", "theta_0", "theta_1"]
     assert len(points) == 2 * 31 and set(points.seed) == {0, 1}

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from hydra_plugins.lodo_ga_sweeper.ga_sweeper import GASweeper, SweepError, load_state
-from lodo.experiment import genetic
+from lodo.experiment import genetic, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 GA_CONFIG = yaml.safe_load((ROOT / "configs" / "hydra" / "sweeper" / "ga.yaml").read_text())
@@ -114,7 +114,8 @@ def test_schedules_shorten_and_extend_and_the_image_schedule_halves_rates():
     assert schedule("image_generation").halve_rates_after and not bowl.halve_rates_after
     with pytest.raises(ValueError, match="one entry per generation"):
         genetic.Schedule("bad", (1.0, 2.0), (10,), 4)
-    assert set(GA_CONFIG["schedule_of_task"].values()) <= set(GA_CONFIG["schedules"])
+    declared = {registry.task(name).ga_schedule for name in registry.names("task")} - {None}
+    assert declared and declared <= set(GA_CONFIG["schedules"])  # each task's YAML names a schedule that exists
     assert genetic.summary_line(3, 10, [1.0, 3.0, float("nan")]) == "gen 3/10: mean 2 best 1 std 1 (1 failed)"
 
 
@@ -189,14 +190,15 @@ def test_install_never_silently_replaces_a_tuned_file(tmp_path):
 def test_a_generation_is_one_job_on_small_tasks_and_one_job_per_individual_on_image_tasks(tmp_path):
     sweeper = GASweeper(job_overrides=["progress=false"])
     values, seeds = [[0.5, 0.9], [1e-05, 0.0]], [1008, 1009]
-    overrides, folder = sweeper._job(2, 1500, ["learning_rate", "momentum"], values, seeds, 0, 2, False,
+    overrides, folder = sweeper._job(2, 1500, ["learning_rate", "momentum"], values, seeds, 0, 2, False, False,
                                      ["task=rosenbrock"], tmp_path)
     assert folder == tmp_path / "gen_02"
     assert overrides[:4] == ["task=rosenbrock", "steps=1500", "log_every=150", "progress=false"]
     assert {"seed=1008", "num_seeds=2", "optimizer.learning_rate=[0.5,1e-05]", "optimizer.momentum=[0.9,0.0]",
             "chunk_size=1500",
             "hydra.sweep.subdir=gen_02", f"hydra.sweep.dir='{tmp_path}'"} <= set(overrides)
-    overrides, folder = sweeper._job(0, 1000, ["learning_rate", "momentum"], values, seeds, 1, 2, True, [], tmp_path)
+    overrides, folder = sweeper._job(0, 1000, ["learning_rate", "momentum"], values, seeds, 1, 2, True, True, [],
+                                     tmp_path)
     assert folder == tmp_path / "gen_00" / "ind_01"
     assert {"seed=1009", "num_seeds=1", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(overrides)
 
@@ -232,8 +234,8 @@ def test_a_crashed_generation_job_is_split_until_the_failing_individuals_are_fou
     seeds = list(range(100, 108))
     values = [[0.1 * (i + 1)] for i in range(8)]
     state = {"jobs_launched": 3}
-    scores, walls, folders, _ = sweeper._run_generation(0, 10, ["learning_rate"], values, seeds, False, [], tmp_path,
-                                                       state)
+    scores, walls, folders, _ = sweeper._run_generation(0, 10, ["learning_rate"], values, seeds, False, False, [],
+                                                       tmp_path, state)
     assert scores == [100, 101, 102, 103, 104, math.inf, 106, 107]
     assert [len(b) for b in sweeper.launcher.batches] == [1, 2, 2, 2] and state["jobs_launched"] == 3 + 7
     assert len(walls) == 4

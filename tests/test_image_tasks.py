@@ -337,7 +337,8 @@ def test_resnet_evaluate_matches_numpy(resnet):
 @pytest.mark.parametrize("name", ["pixelcnn_mnist", "resnet18_cifar10"])
 def test_tasks_build_from_their_yaml(name):
     options = OmegaConf.to_container(OmegaConf.load(f"{CONFIGS}/{name}.yaml"))
-    assert options.pop("name") == name and options.pop("steps") == registry.build_task(name, test_size=None).steps
+    assert options["name"] == name and options["steps"] == registry.build_task(name, test_size=None).steps
+    options = registry.task_options(options)
     task = registry.build_task(name, **options, test_size=None)
     assert task.name == name and task.batch_size == {"pixelcnn_mnist": 256, "resnet18_cifar10": 2048}[name]
 

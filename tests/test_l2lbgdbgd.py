@@ -146,8 +146,8 @@ def test_tiny_meta_training_learns_and_its_weights_drive_the_engine(tmp_path):
 
 def test_shipped_weights_come_from_the_make_target_defaults():
     config = yaml.safe_load((ROOT / "configs" / "optimizer" / "l2lbgdbgd.yaml").read_text())
-    assert config.pop("name") == "l2lbgdbgd"
-    optimizer = registry.build_engine_optimizer("l2lbgdbgd", **config)
+    assert config["name"] == "l2lbgdbgd"
+    optimizer = registry.build_engine_optimizer("l2lbgdbgd", **registry.optimizer_options(config))
     assert optimizer.weights_path == ROOT / "optimizers" / "weights" / "l2lbgdbgd_bowl.npz"
     defaults = vars(load_script().parse_args([]))
     for key, value in optimizer.info.items():

@@ -19,7 +19,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from lodo.experiment.cli import CONFIG_DIR
+from lodo.experiment.registry import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lodo.experiment.cli import CONFIG_DIR, ConfigError, check_group_choices, run_small_task, validate
+from lodo.experiment import job
+from lodo.experiment.config import ConfigError, check_group_choices, group_options, validate
+from lodo.experiment.registry import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -55,7 +57,7 @@ def test_tuned_values_follow_the_task_and_command_line_overrides_win():
 
 def test_a_run_writes_its_folder(tmp_path):
     cfg = composed("steps=300", "num_seeds=2", "seed=3", "hessian_every=100", "progress=false", "chunk_size=100")
-    summary = run_small_task(cfg, tmp_path)
+    summary = job.run(cfg, tmp_path)
     for name in ("config.yaml", "curve.csv", "summary.json"):
         assert (tmp_path / name).is_file()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -101,7 +103,6 @@ def test_unknown_names_are_rejected_before_composition(argv, message):
 
 def test_every_optimizer_and_task_config_is_a_complete_registry_entry():
     from lodo.experiment import registry
-    from lodo.experiment.cli import group_options
 
     assert group_options("optimizer") == registry.names("optimizer")
     assert group_options("task") == registry.names("task")
@@ -239,7 +240,7 @@ def test_a_loss_beyond_float32_range_is_logged_as_inf_not_a_crash(tmp_path):
     """A runaway individual of a GA generation once crashed TensorBoard logging, and with it the whole generation."""
     import tensorflow as tf
 
-    from lodo.experiment.cli import loggable_mean
+    from lodo.experiment.loop import loggable_mean
 
     with pytest.raises(ValueError):  # what the runner used to pass
         tf.summary.scalar("loss", float(np.mean([3e100, 1.0])), step=0)

@@ -1,4 +1,4 @@
-"""The image trainer on a toy task: run folder, milestones, divergence, resume, and the losses it reports."""
+"""Image tasks through the one training loop, on a toy task: run folder, milestones, divergence, resume, and the losses it reports."""
 
 import json
 from pathlib import Path
@@ -9,8 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lodo.experiment.cli import CONFIG_DIR, ConfigError
-from lodo.experiment import registry
+from lodo.experiment import job, registry
+from lodo.experiment.config import ConfigError
+from lodo.experiment.keras_trainer import KerasSeedRunner
+
+CONFIG_DIR = registry.CONFIG_DIR
 
 
 
@@ -31,9 +34,13 @@ def config(*overrides, steps=20, **task):
 
 
 def run(cfg, folder):
-    from lodo.experiment.trainer import run_image_task
+    return job.run(cfg, Path(folder))
 
-    return run_image_task(cfg, Path(folder))
+
+def trace_of(folder, seed=0) -> dict:
+    """A finished seed's trace as its seed_<s>.json holds it, losses flattened to one list."""
+    trace = json.loads((Path(folder) / f"seed_{seed}.json").read_text())["trace"]
+    return {**trace, "losses": [row[0] for row in trace["trace_losses"]]}
 
 
 def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_path):
@@ -41,7 +48,7 @@ def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_
     for name in ("config.yaml", "curve.csv", "validation.csv", "summary.json", "seed_0.json", "seed_1.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["optimizer"] == "lodo"
-    records = [json.loads((tmp_path / f"seed_{s}.json").read_text())["record"] for s in (0, 1)]
+    records = [trace_of(tmp_path, s) for s in (0, 1)]
     assert [len(r["losses"]) for r in records] == [20, 20]
     # Loss at 20 steps = mean of the last 1% of steps (at least one step): step 20's loss.
     assert summary["loss_final_per_seed"] == pytest.approx([r["losses"][-1] for r in records])
@@ -49,21 +56,19 @@ def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_
     assert list(curve.step[curve.seed == 0]) == [5, 10, 15, 20]
     assert curve.loss[curve.seed == 1].iloc[0] == pytest.approx(np.mean(records[1]["losses"][:5]))
     assert summary["test_loss_per_seed"] and summary["test_images"] == 64
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert 0.0 <= summary["test_accuracy_mean"] <= 1.0
     assert summary["num_params"] == 16 * 3 + 3
     assert summary["optimizer_state_bytes_per_param"] > 100  # φ alone is 128 floats per parameter
     validation = pd.read_csv(tmp_path / "validation.csv")
-    assert list(validation.step[validation.seed == 0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
-                                                           19, 20]
-    # Other processes' CPU use during every training chunk (not the compiling first), so a report can tell a run
-    # that shared its cores.
-    assert all(len(r["others_cpu"]) == len(r["chunk_ends"]) - 1 for r in records)
+    assert list(validation.step[validation.seed == 0]) == list(range(21))  # at θ0, then every eval_every=1 steps
+    # Other processes' CPU use during every training chunk, so a report can tell a run that shared its cores.
+    assert all(len(r["trace_others_cpu"]) == len(r["trace_chunk_ends"]) for r in records)
     assert set(summary["cpu_sharing"]) == {"others_cores_mean", "cpus", "shared"}
 
 
 def test_cpu_sharing_flags_a_run_whose_cores_other_processes_used(monkeypatch):
     from lodo.experiment import provenance
-    from lodo.experiment.trainer import SeedRecord
+    from lodo.experiment.chunks import Trace
 
     monkeypatch.setattr(provenance.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     # 10 s of training; others used 3 CPU s: 0.3 cores of 2, below the 0.2 × 2 = 0.4 limit.
@@ -75,17 +80,17 @@ def test_cpu_sharing_flags_a_run_whose_cores_other_processes_used(monkeypatch):
     assert provenance.others_cpu(None, (1.0, 1.0)) is None
     sample = provenance.cpu_seconds()
     assert sample is None or (sample[0] > 0 and sample[1] > 0)
-    old = {"seed": 3, "losses": [1.0], "chunk_ends": [[1, 0.5]], "validation": [], "milestones": {},
-           "diverged_at": None, "compile_time_s": 0.1}  # a record written before others' CPU use was kept
-    assert SeedRecord.from_json(old).others_cpu == []
+    old = {"trace_losses": np.ones((1, 1)), "trace_chunk_ends": np.array([[1, 0.5]]),
+           "trace_compile_time_s": np.array(0.1)}  # a trace written before others' CPU use was kept
+    assert Trace.from_arrays([3], old).others_cpu == []
 
 
 def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
     summary = run(config("optimizer=adam", "num_seeds=1", "time_budget_s=0.5", "eval_every=10"), tmp_path)
-    record = json.loads((tmp_path / "seed_0.json").read_text())["record"]
-    assert record["milestones"]["steps"]["step"] == 20
-    assert record["milestones"]["time"]["train_time_s"] >= 0.5
-    assert record["chunk_ends"][-1][1] >= 0.5
+    record = trace_of(tmp_path)
+    assert record["trace_milestones"]["steps"]["step"] == 20
+    assert record["trace_milestones"]["time"]["train_time_s"] >= 0.5
+    assert record["trace_chunk_ends"][-1][1] >= 0.5
     assert summary["time_budget"]["test_loss_mean"] is not None
 
 
@@ -97,27 +102,24 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    from lodo.experiment import trainer
-
     whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
 
     calls = {"n": 0}
-    train = trainer.SeedTrainer.train
+    train = KerasSeedRunner.train
 
-    def killed_after_three_chunks(self, iterator, count):
+    def killed_after_three_chunks(self, count):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt  # what a kill between two chunks leaves: checkpoints up to chunk 3
-        return train(self, iterator, count)
+        return train(self, count)
 
-    monkeypatch.setattr(trainer.SeedTrainer, "train", killed_after_three_chunks)
+    monkeypatch.setattr(KerasSeedRunner, "train", killed_after_three_chunks)
     with pytest.raises(KeyboardInterrupt):
         run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
-    monkeypatch.setattr(trainer.SeedTrainer, "train", train)
+    monkeypatch.setattr(KerasSeedRunner, "train", train)
     resumed = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "killed")
 
-    first = json.loads((tmp_path / "whole" / "seed_0.json").read_text())["record"]
-    second = json.loads((tmp_path / "killed" / "seed_0.json").read_text())["record"]
+    first, second = trace_of(tmp_path / "whole"), trace_of(tmp_path / "killed")
     assert second["losses"] == first["losses"]  # bitwise: the same batches, the same state
     assert resumed["test_loss_per_seed"] == whole["test_loss_per_seed"]
 
@@ -129,43 +131,39 @@ def test_quasi_newton_optimizers_refuse_image_tasks_in_one_line(tmp_path):
 
 
 def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
-    from lodo.experiment.trainer import SeedTrainer
-
     class TwoReplicas:
         num_replicas_in_sync = 2
 
     cfg = config("optimizer=adam")
     task = registry.build_task("toy_image", batch_size=7)
     with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
-        SeedTrainer(cfg, task, TwoReplicas(), seed=0)
+        KerasSeedRunner(cfg, task, TwoReplicas(), seed=0)
 
 
 def test_a_termination_signal_checkpoints_exits_for_requeue_and_the_rerun_finishes_identically(tmp_path, monkeypatch):
     import os
     import signal
 
-    from lodo.experiment import trainer
     from lodo.experiment.preemption import Preemption
 
     whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "whole")
 
     calls = {"n": 0}
-    train = trainer.SeedTrainer.train
+    train = KerasSeedRunner.train
 
-    def signalled_during_chunk_two(self, iterator, count):
+    def signalled_during_chunk_two(self, count):
         calls["n"] += 1
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends before preemption
-        return train(self, iterator, count)
+        return train(self, count)
 
-    monkeypatch.setattr(trainer.SeedTrainer, "train", signalled_during_chunk_two)
+    monkeypatch.setattr(KerasSeedRunner, "train", signalled_during_chunk_two)
     with pytest.raises(SystemExit) as stopped:
         run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "stopped")
     assert stopped.value.code == Preemption.EXIT_CODE
     assert list((tmp_path / "stopped" / "checkpoints" / "seed_0").glob("ckpt-*"))
-    monkeypatch.setattr(trainer.SeedTrainer, "train", train)
+    monkeypatch.setattr(KerasSeedRunner, "train", train)
     resumed = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5"), tmp_path / "stopped")
-    first = json.loads((tmp_path / "whole" / "seed_0.json").read_text())["record"]
-    second = json.loads((tmp_path / "stopped" / "seed_0.json").read_text())["record"]
+    first, second = trace_of(tmp_path / "whole"), trace_of(tmp_path / "stopped")
     assert second["losses"] == first["losses"]
     assert resumed["test_loss_per_seed"] == whole["test_loss_per_seed"]

@@ -1,4 +1,4 @@
-"""The image trainer's custom loop under MirroredStrategy on 2 logical CPUs equals one device."""
+"""The Keras chunk runner's custom loop under MirroredStrategy on 2 logical CPUs equals one device."""
 
 import pytest
 
@@ -8,7 +8,7 @@ SCRIPT = """
 import numpy as np
 from omegaconf import OmegaConf
 from lodo.experiment import distribute
-from lodo.experiment.trainer import SeedTrainer
+from lodo.experiment.keras_trainer import KerasSeedRunner
 from toy_image_task import ToyImageTask
 from two_devices import replica_drift
 
@@ -23,9 +23,8 @@ task.load()
 
 
 def train(strat):
-    trainer = SeedTrainer(cfg, task, strat, seed=4)
-    iterator = trainer.dataset(0)
-    losses = np.concatenate([trainer.train(iterator, 3), trainer.train(iterator, 4)])
+    trainer = KerasSeedRunner(cfg, task, strat, seed=4)
+    losses = np.concatenate([trainer.train(3)[0], trainer.train(4)[0]])
     return trainer, losses
 
 

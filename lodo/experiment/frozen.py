@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from lodo import algorithm, meta_optimizers
+from lodo.experiment import metrics, outputs
 from lodo.experiment.engine import Engine, Trace
 from lodo.functional import EngineOptimizer, FunctionalOptimizer
 from lodo.preconditioners import as_columns
@@ -114,8 +118,6 @@ def frozen_summary(task, trained: EngineOptimizer, seeds, steps: int, divergence
     Returns the summary and the full ``[steps, S]`` loss matrix (NaN after
     the run stopped because every seed had diverged).
     """
-    from lodo.experiment import metrics
-
     engine, trace = run_frozen(task, trained, seeds, steps, chunk_size)
     losses = np.full((steps, len(seeds)), np.nan)
     done = trace.loss_matrix()
@@ -135,3 +137,26 @@ def frozen_summary(task, trained: EngineOptimizer, seeds, steps: int, divergence
         summary["growth_rate_per_seed"] = growth_rate(g, hessian, engine.optimizer.beta).tolist()
     summary[f"loss_curve_first_{curve_steps}"] = losses[:curve_steps].T.tolist()
     return summary, losses
+
+
+def frozen_test(frozen, new_task, task, optimizer, seeds, chunk_size, out_dir: Path) -> dict:
+    """SPEC §1.4: the trained G(φ), frozen, on a new problem and (as a control) on the one it learned.
+
+    Both start afresh (θ0, batch state and momentum reset); the trained
+    optimizer's state is only read. Writes ``frozen_curve.csv``.
+    """
+    result = {"steps": frozen.steps, "problem_offset": frozen.problem_offset,
+              "divergence_factor": float(frozen.divergence_factor)}
+    frames = []
+    runs = [("new", new_task)] + ([("same", task)] if frozen.get("control", True) else [])
+    for label, problem in runs:
+        summary, losses = frozen_summary(problem, optimizer, seeds, frozen.steps, frozen.divergence_factor, chunk_size)
+        if label == "new":
+            result.update(summary)
+        else:
+            result["control"] = summary
+        steps, num_seeds = losses.shape
+        frames.append(pd.DataFrame({"problem": label, "seed": np.repeat(seeds, steps),
+                                    "step": np.tile(np.arange(steps), num_seeds), "loss": losses.T.reshape(-1)}))
+    outputs.write_csv(out_dir / "frozen_curve.csv", pd.concat(frames, ignore_index=True))
+    return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lodo.experiment.engine import Trace
+from lodo.experiment.chunks import Trace
 
 
 def loss_at(trace: Trace, task, steps: int) -> dict:
@@ -29,6 +29,23 @@ def loss_at(trace: Trace, task, steps: int) -> dict:
         "loss_std": float(ok.std()) if ok.size else float("nan"),
         "loss_per_seed": per_seed.tolist(),
         "diverged": int(diverged.sum()),
+    }
+
+
+def pooled(results: list[dict]) -> dict:
+    """``loss_at`` of several traces (seeds trained one after another) as one: the seeds side by side."""
+    if len(results) == 1:
+        return results[0]
+    per_seed = np.array([v for r in results for v in r["loss_per_seed"]], dtype=np.float64)
+    ok = per_seed[np.isfinite(per_seed)]
+    return {
+        "steps": max(r["steps"] for r in results),
+        "train_time_s": float(np.mean([r["train_time_s"] for r in results])),
+        "window": results[0]["window"],
+        "loss_mean": float(ok.mean()) if ok.size else float("nan"),
+        "loss_std": float(ok.std()) if ok.size else float("nan"),
+        "loss_per_seed": per_seed.tolist(),
+        "diverged": sum(r["diverged"] for r in results),
     }
 
 

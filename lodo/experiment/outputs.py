@@ -52,20 +52,21 @@ def atomic_copy(source, path) -> None:
         raise
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` as JSON holds it: NumPy scalars as Python numbers, NaN and inf as None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf: a diverged value is null
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item"):  # NumPy scalars
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value
 
 
 def write_json(path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(data), indent=2) + "\n")
 
 
 def write_csv(path, frame: pd.DataFrame) -> None:
