@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import two_devices
 
 from lodo.experiment import registry
 from lodo.experiment.engine import Engine
@@ -173,26 +172,3 @@ def test_engine_lars_uses_per_seed_norms():
     np.testing.assert_allclose(alone[0], got[1], rtol=1e-12, atol=1e-14)  # a seed ignores its neighbours
     coupled = bowl_numpy(bowl, [2, 7], 30, lambda theta, g, t: whole(0, theta, g, t))
     assert np.abs(coupled - got).max() > 1e-3  # one norm over all seeds would differ
-
-
-MIRRORED = """
-from optimizers.lars import LARS
-from optimizers.yogi import Yogi
-from two_devices import compare_fit
-from lodo.experiment import registry
-
-for name, make_opt in [("yogi", lambda: Yogi(learning_rate=0.05, beta_1=0.8, beta_2=0.99)),
-                       ("lars", lambda: LARS(learning_rate=0.05, momentum=0.8, weight_decay=1e-3, total_steps=8))]:
-    r = compare_fit(make_opt, batch_size=32, epochs=3)
-    print(f"RESULT {name} moved={r['moved']} gap={r['gap']} drift={r['drift']}")
-"""
-
-
-def test_mirrored_fit_matches_one_device():
-    results = two_devices.run(MIRRORED)
-    assert [r["label"] for r in results] == ["yogi", "lars"]
-    for line in results:
-        values = {k: float(v) for k, v in line.items() if k != "label"}
-        assert values["moved"] > 1e-3, line
-        assert values["gap"] < 1e-5, line
-        assert values["drift"] == 0.0, line

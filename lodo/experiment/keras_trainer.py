@@ -50,10 +50,9 @@ def build_optimizer(cfg, seed: int):
 class KerasSeedRunner:
     """One seed's model, optimizer, input pipeline and compiled training chunk: a chunk runner."""
 
-    max_chunk = MAX_CHUNK
-
     def __init__(self, cfg, task, strategy, seed: int, eval_every: int = 0):
         self.cfg, self.task, self.strategy, self.seed = cfg, task, strategy, seed
+        self.max_chunk = min(MAX_CHUNK, int(cfg.get("chunk_size") or MAX_CHUNK))
         self.seeds = (seed,)
         self.eval_every = int(eval_every)
         self._iterator = None
