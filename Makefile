@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN := $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test reproduce-table1 report-table1 bench clean
+.PHONY: help install test test-fast reproduce-table1 report-table1 bench clean
 .PHONY: reproduce-small reproduce-table7 report-table7 reproduce-frozen report-frozen reproduce-table8 report-table8
 
 help:  ## list the targets
@@ -25,6 +25,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # module fixture (e.g. test_bad_input's batch of command lines) runs once, not once per worker.
 test: install  ## run the test suite
 	$(RUN) -m pytest -q -n auto --dist loadfile --durations=15 tests
+
+# The inner loop: everything not marked slow (no subprocesses, no compiled image models, no end-to-end runs).
+test-fast: install  ## the tests not marked slow (the inner loop)
+	$(RUN) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) per optimizer on the bowl
 	$(RUN) -m lodo.run experiment=table1; status=$$?; $(MAKE) report-table1 && exit $$status

@@ -49,8 +49,12 @@ def scale_note(runs: list[report.Run]) -> str:
 
 
 def _milestone_value(summary: dict, kind: str, key: str):
-    block = summary.get("at_steps", {}) if kind == "steps" else summary.get("time_budget", {})
-    return block.get(f"{key}_mean"), block.get(f"{key}_std")
+    """(mean, std) of ``train_loss``, ``test_loss`` or ``test_accuracy`` at the step budget or the time budget."""
+    if kind == "steps":
+        prefix, block = ("loss_final" if key == "train_loss" else key), summary
+    else:
+        prefix, block = ("loss" if key == "train_loss" else key), summary.get("time_budget", {})
+    return block.get(f"{prefix}_mean"), block.get(f"{prefix}_std")
 
 
 def build_loss_table(runs: dict, paper) -> pd.DataFrame:
@@ -58,7 +62,7 @@ def build_loss_table(runs: dict, paper) -> pd.DataFrame:
     for name, run in runs.items():
         s = run.summary
         row = {"optimizer": name, "seeds": run.num_seeds, "diverged": s["diverged"], "steps": s["steps"],
-               "steps_per_s": s.get("steps_per_s"),
+               "steps_per_s": s.get("seed_steps_per_s"),  # the seeds train one after another: one model's steps/s
                "shared_machine": bool(s.get("cpu_sharing", {}).get("shared", False))}
         for kind in ("steps", "time"):
             for key in ("train_loss", "test_loss", "test_accuracy"):
@@ -230,7 +234,7 @@ def build_figure5(runs_list, paper, out_dir: Path) -> str:
     for run in runs:
         s = run.summary
         beta = s["hyperparameters"]["beta"]
-        train, test = s.get("loss_final_mean"), s.get("test_loss")
+        train, test = s.get("loss_final_mean"), s.get("test_loss_mean")
         late = None if s["diverged"] else late_training_loss(run)
         frame.append({"beta": beta, "one_minus_beta": 1 - beta, "train_loss": train, "train_loss_last_10pct": late,
                       "test_loss": test, "diverged": s["diverged"], "seeds": run.num_seeds})

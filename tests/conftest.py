@@ -19,3 +19,13 @@ def float64_keras():
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most slow tests first: pytest-xdist (``--dist loadfile``) hands out whole files in
+    collection order, and a long file started last would keep one core busy while the other idles."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))

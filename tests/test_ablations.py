@@ -201,6 +201,7 @@ def test_config_lists_every_hyperparameter_with_the_class_defaults(name):
     assert all(keras_defaults[k] == v for k, v in config.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FRONT_ENDS))
 def test_engine_ablation_matches_its_keras_front_end_and_trains_the_bowl(float64_keras, name):
     keras_cls, hp = FRONT_ENDS[name]
@@ -223,6 +224,7 @@ def test_engine_ablation_matches_its_keras_front_end_and_trains_the_bowl(float64
     assert losses.shape == (275, 2) and np.isfinite(losses).all()
 
 
+@pytest.mark.slow
 def test_no_momentum_is_lodo_with_beta_zero(float64_keras):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     hp = dict(initial_lr=0.27, meta_lr=0.01, num_layers=3)
@@ -233,6 +235,7 @@ def test_no_momentum_is_lodo_with_beta_zero(float64_keras):
         np.testing.assert_array_equal(state.momentum, grad)  # m_t = g_t
 
 
+@pytest.mark.slow
 def test_lodo_sgd_meta_step_is_plain_gradient_descent(float64_keras):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     hp = dict(initial_lr=0.27, meta_lr=1e-3, beta=0.3, num_layers=3)
@@ -257,6 +260,7 @@ KERAS_ABLATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", list(KERAS_ABLATIONS), ids=lambda c: c.__name__)
 def test_keras_ablation_trains_a_model_and_its_config_round_trips(cls):
     rng = np.random.default_rng(0)

@@ -81,6 +81,7 @@ def test_table_skips_unfinished_runs_and_says_which(runs, tmp_path, capsys):
     assert (out / "aggregate_curves.png").stat().st_size > 10_000 and (out / "aggregate_curves.pdf").exists()
 
 
+@pytest.mark.slow
 def test_a_real_run_folder_and_the_command_line(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["optimizer=adam", "task.dim=6", "steps=40", "num_seeds=2",

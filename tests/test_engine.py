@@ -25,6 +25,7 @@ def engine_params(name, seeds, steps, task=None, **hp):
     return engine.params.numpy(), trace
 
 
+@pytest.mark.slow
 def test_keras_optimizers_in_the_engine_match_numpy_per_seed():
     bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     lr = float(np.float32(0.3))  # Keras keeps the learning rate in float32
@@ -70,6 +71,7 @@ def test_keras_optimizers_in_the_engine_match_numpy_per_seed():
             np.testing.assert_allclose(params[row], expected, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 def test_newton_jumps_to_the_current_center_and_reaches_the_analytic_optimum():
     bowl = registry.build_task("noisy_quadratic_bowl")
     engine = Engine(bowl, registry.build_engine_optimizer("newton"), range(8), chunk_size=500)
@@ -80,6 +82,7 @@ def test_newton_jumps_to_the_current_center_and_reaches_the_analytic_optimum():
     assert abs(measured - bowl.optimum_loss()) / bowl.optimum_loss() < 0.03
 
 
+@pytest.mark.slow
 def test_keras_front_end_and_engine_follow_the_same_trajectory(float64_keras):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=20)
     hp = dict(initial_lr=0.27, meta_lr=0.01, beta=0.3, num_layers=6, block_size=4)
@@ -98,6 +101,7 @@ def test_keras_front_end_and_engine_follow_the_same_trajectory(float64_keras):
     np.testing.assert_allclose(engine.params.numpy()[1], theta.numpy(), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_lodo_beats_momentum_sgd_early_and_tracks_hessian_error():
     bowl = registry.build_task("noisy_quadratic_bowl")
     engine = Engine(bowl, registry.build_engine_optimizer("lodo"), [0, 1], chunk_size=500)
@@ -146,6 +150,7 @@ def test_learning_curve_windows_are_means_of_the_per_step_losses():
     ("noisy_quadratic_bowl", "adam", {}),  # Keras state, including its step counter (bias correction)
     ("rosenbrock", "yogi", {}),  # a recorded trajectory
 ])
+@pytest.mark.slow
 def test_stop_after_a_chunk_checkpoint_restore_and_continue_bit_for_bit(tmp_path, task_name, optimizer_name, hp):
     task = registry.build_task(task_name, **({"dim": 8} if task_name == "noisy_quadratic_bowl" else {}))
     record = task_name == "rosenbrock"

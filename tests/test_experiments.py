@@ -95,6 +95,7 @@ def test_divergence_steps():
     assert metrics.divergence_steps(losses, losses[0], np.inf) == [None, 1, None]
 
 
+@pytest.mark.slow
 def test_tiny_table7_multirun_and_report(tmp_path, capsys):
     runs = tmp_path / "runs"
     result = subprocess.run(
@@ -124,6 +125,7 @@ def test_tiny_table7_multirun_and_report(tmp_path, capsys):
     assert (out / "figure8.png").stat().st_size > 10_000 and (out / "figure8.pdf").exists()
 
 
+@pytest.mark.slow
 def test_frozen_run_records_divergence_and_matches_numpy(tmp_path, capsys):
     # One training step leaves φ untouched (m0 = 0, so the first hypergradient is 0): G = α0·I exactly.
     # With α0 = 3, β = 0 and eigenvalues up to 1, the frozen step multiplies the top direction's

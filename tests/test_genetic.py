@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,11 +129,12 @@ def ga(sweep_dir, *extra):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_sweep_stopped_after_generation_2_resumes_at_generation_3_with_the_same_result(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    done = ga(whole)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # independent sweeps: side by side
+        done, first = pool.map(lambda args: ga(*args), [(whole,), (split, "hydra.sweeper.stop_after=3")])
     assert done.returncode == 0, done.stderr[-3000:]
-    first = ga(split, "hydra.sweeper.stop_after=3")
     assert first.returncode == 0, first.stderr[-3000:]
     state = json.loads((split / "ga_state.json").read_text())
     assert [g["generation"] for g in state["generations"]] == [0, 1, 2] and not (split / "tuned.yaml").exists()

@@ -21,8 +21,12 @@ spec.loader.exec_module(report_images)
 STEPS = 200
 
 
-def write_run(folder: Path, optimizer: str, losses: dict[int, np.ndarray], diverged: int = 0) -> None:
-    """A finished image run: summary.json as lodo.run writes it (the fields reports read) and curve.csv."""
+def write_run(folder: Path, optimizer: str, losses: dict[int, np.ndarray], diverged: int = 0,
+              old_schema: bool = False) -> None:
+    """A finished image run: summary.json as lodo.run writes it (the fields reports read) and curve.csv.
+
+    ``old_schema``: the summary as image runs wrote it before every run shared one schema.
+    """
     folder.mkdir(parents=True)
     rows = [{"seed": seed, "step": step + 1, "train_time_s": 0.1 * step, "loss": float(loss[step])}
             for seed, loss in losses.items() for step in range(STEPS)]
@@ -31,14 +35,29 @@ def write_run(folder: Path, optimizer: str, losses: dict[int, np.ndarray], diver
     summary = {
         "task": "pixelcnn_mnist", "optimizer": optimizer, "hyperparameters": {"learning_rate": 1e-3},
         "task_options": {"dataset": "fashion_mnist", "data": {"source": "files"}, "batch_size": 256},
-        "steps": STEPS, "seeds": sorted(losses), "diverged": diverged, "steps_per_s": 5.0, "batch_size": 32,
+        "steps": STEPS, "seeds": sorted(losses), "diverged": diverged, "seed_steps_per_s": 5.0, "batch_size": 32,
         "loss_final_mean": float(np.mean(final)), "loss_final_std": float(np.std(final)),
-        "at_steps": {"train_loss_mean": float(np.mean(final)), "train_loss_std": float(np.std(final)),
-                     "test_loss_mean": 2.5, "test_loss_std": 0.01},
-        "test_loss": 2.5, "test_images": 50,
+        "test_loss_mean": 2.5, "test_loss_std": 0.01, "test_images": 50,
         "distribute": {"devices": ["/device:CPU:0"]},
     }
+    if old_schema:
+        summary = {k: v for k, v in summary.items() if not k.startswith(("test_loss", "seed_steps"))}
+        summary.update({"steps_per_s": 5.0, "test_loss": 2.5, "test_images": 50,
+                        "at_steps": {"train_loss_mean": float(np.mean(final)), "train_loss_std": float(np.std(final)),
+                                     "test_loss_mean": 2.5, "test_loss_std": 0.01}})
     (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_summary_written_before_the_one_schema_reads_the_same(tmp_path):
+    losses = {0: np.linspace(3, 2, STEPS), 1: np.linspace(4, 2.5, STEPS)}
+    tables = []
+    for old in (False, True):
+        write_run(tmp_path / str(old) / "adam", "adam", losses, old_schema=old)
+        runs, _ = report.load_runs(tmp_path / str(old))
+        tables.append(report_images.build_loss_table(report.by_optimizer(runs), None))
+    pd.testing.assert_frame_equal(*tables)
+    assert tables[0].loc[0, "test_loss_steps_mean"] == 2.5 and tables[0].loc[0, "steps_per_s"] == 5.0
+    assert tables[0].loc[0, "train_loss_steps_mean"] == pytest.approx(np.mean([2.0, 2.5]), abs=0.01)
 
 
 def noisy_decay(seed: int, floor: float) -> np.ndarray:

@@ -13,6 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: each imports TensorFlow and compiles
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ARGS = ["task=pixelcnn_mnist", "task.data.source=synthetic", "task.batch_size=8", "optimizer=lodo",

@@ -204,6 +204,7 @@ def test_samples_are_drawn_pixel_by_pixel(pixel_task):
     assert drawn.min() >= 0 and drawn.max() <= 255 and len(np.unique(drawn)) > 50
 
 
+@pytest.mark.slow
 def test_artifacts_are_written(pixel_task, tmp_path):
     paths = pixel_task.artifacts(tiny_pixel_model(), tmp_path / "figs", seed=0)
     assert sorted(p.name for p in paths) == ["input_channels.pdf", "input_channels.png", "samples.pdf", "samples.png"]

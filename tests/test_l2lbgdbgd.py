@@ -92,6 +92,7 @@ def bowl_reference(bowl, seed, steps, update):
     return numpy_bowl(bowl, seed, steps, lambda theta, grad, t: theta - update(grad(theta)))[-1]
 
 
+@pytest.mark.slow
 def test_engine_follows_the_numpy_rule_per_seed(tmp_path):
     arch = l2lbgdbgd.Architecture(output_scale=0.5)
     weights = random_weights(arch, 3)
@@ -128,6 +129,7 @@ def test_weights_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_tiny_meta_training_learns_and_its_weights_drive_the_engine(tmp_path):
     script = load_script()
     out = tmp_path / "tiny.npz"

@@ -21,6 +21,8 @@ from hydra.utils import instantiate
 
 from lodo.experiment.registry import CONFIG_DIR
 
+pytestmark = pytest.mark.slow  # subprocesses: each imports TensorFlow and compiles
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 

@@ -139,6 +139,7 @@ def test_one_gradient_per_step_equals_backprop_through_the_step(float64_keras):
     np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_keras_lodo_trains_with_fit_and_matches_the_functional_form(float64_keras):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 5))
@@ -203,6 +204,7 @@ def test_frozen_meta_optimizer_keeps_phi_even_when_the_hypergradient_overflows()
     assert np.isnan(zero_rate[0].numpy()).any()  # why Frozen exists
 
 
+@pytest.mark.slow
 def test_memory_is_n_log_n_not_n_squared():
     """n = 10⁵: every tensor in one compiled LODO update is O(N·ñ·k); an n×n one would be 10¹⁰ entries."""
     n = 100_000

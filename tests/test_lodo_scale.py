@@ -73,6 +73,7 @@ PLANS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_keras_lodo_follows_the_functional_reference_in_float64(float64_keras, plan):
     optimizer = LODO(**HP, num_layers=5, seed=4, plan=PLANS[plan])
@@ -84,6 +85,7 @@ def test_keras_lodo_follows_the_functional_reference_in_float64(float64_keras, p
     assert moved > 1e-4  # φ was trained, so the comparison covers the meta-steps
 
 
+@pytest.mark.slow
 def test_keras_lodo_follows_the_functional_reference_in_float32():
     optimizer = LODO(**HP, num_layers=5, seed=4, plan="lean")
     for states in trajectories(optimizer, "float32", steps=6):
@@ -103,6 +105,7 @@ def test_every_variant_of_the_table_has_a_parity_case():
     assert {LODO, *ABLATIONS} == {getattr(lodo, v.class_name) for v in variants.VARIANTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", list(ABLATIONS), ids=lambda c: c.__name__)
 def test_every_ablation_follows_the_functional_reference(float64_keras, cls):
     optimizer = cls(**ABLATIONS[cls], seed=2, plan="lean")
@@ -113,6 +116,7 @@ def test_every_ablation_follows_the_functional_reference(float64_keras, cls):
         assert_same(*states, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_layers_are_updated_top_down_one_segment_at_a_time(float64_keras):
     """Run one step program by program: each program sets exactly its own layers' φ (and moments)
     to the reference φ_{t+1}, top segment first, while the layers below (and m, θ) still hold
@@ -197,6 +201,7 @@ def test_plan_choice_switches_to_lean_for_big_models():
     assert layerwise.Plan(segment=3, inverse=False).segments(7) == [(0, 3), (3, 6), (6, 7)]
 
 
+@pytest.mark.slow
 def test_lean_step_updates_in_place_and_holds_only_a_segment_of_activations():
     """No copy of any layer's φ or moments is made, and each program's scratch memory is a few
     vectors of length ñ: one segment's inputs, never the whole hypergradient (N·k vectors)."""

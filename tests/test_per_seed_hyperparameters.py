@@ -65,6 +65,7 @@ def test_every_tunable_small_task_optimizer_takes_per_seed_lists():
     assert registry.build_engine_optimizer("lodo_no_momentum", **SHARED["lodo_no_momentum"][1]).beta == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_per_seed_run_equals_scalar_runs_seed_by_seed(name):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=10)

@@ -1,6 +1,7 @@
 """Quasi-Newton baselines (L-BFGS, O-LBFGS, BFGS, Levenberg–Marquardt) against plain NumPy."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from lodo.experiment import metrics
@@ -72,6 +73,7 @@ def test_an_undefined_pair_is_skipped_per_seed_and_exact_minima_stay_finite():
     assert result["diverged"] == 0 and result["loss_mean"] < 1e-20
 
 
+@pytest.mark.slow
 def test_lbfgs_and_olbfgs_in_the_engine_match_numpy_per_seed():
     bowl = registry.build_task("noisy_quadratic_bowl", dim=8)
     steps, seeds = 40, [1, 4]
@@ -146,6 +148,7 @@ def test_bfgs_satisfies_the_secant_equation_on_a_deterministic_bowl():
     assert np.all(trace.loss_matrix()[-1] < 1e-8 * 0.5 * np.einsum("si,sij,sj->s", thetas[0], hess, thetas[0]))
 
 
+@pytest.mark.slow
 def test_bfgs_blows_up_on_the_noisy_bowl_and_non_finite_losses_count_as_diverged():
     bowl = registry.build_task("noisy_quadratic_bowl")  # the paper's setting: dim 100, σ² = 1
     engine = Engine(bowl, registry.build_engine_optimizer("bfgs"), range(8), chunk_size=3000)

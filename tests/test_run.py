@@ -55,8 +55,10 @@ def test_tuned_values_follow_the_task_and_command_line_overrides_win():
     assert cfg.optimizer.meta_lr == 0.5 and cfg.optimizer.beta == 0.897
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_folder(tmp_path):
-    cfg = composed("steps=300", "num_seeds=2", "seed=3", "hessian_every=100", "progress=false", "chunk_size=100")
+    cfg = composed("steps=300", "num_seeds=2", "seed=3", "hessian_every=100", "progress=false", "chunk_size=100",
+                   "optimizer.num_layers=2")  # 2 layers compile in a second, 16 in ten
     summary = job.run(cfg, tmp_path)
     for name in ("config.yaml", "curve.csv", "summary.json"):
         assert (tmp_path / name).is_file()
@@ -117,43 +119,30 @@ def test_every_optimizer_and_task_config_is_a_complete_registry_entry():
         assert registry.task(name).task_class.name == name
 
 
-def test_cli_errors_exit_nonzero_with_one_line(tmp_path):
-    result = cli("optimizer=sgdd", f"hydra.run.dir={tmp_path}/a")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown optimizer 'sgdd'; valid optimizer names:")
-    result = cli("optimizer.meta_lr=abc", "steps=10", f"hydra.run.dir={tmp_path}/b")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: optimizer.meta_lr must be a number, got 'abc'"
-    assert not (tmp_path / "b" / "summary.json").exists()
-    result = cli("optimizer.not_a_key=1", f"hydra.run.dir={tmp_path}/c")  # Hydra's own message, in one line
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: Could not override 'optimizer.not_a_key'")
-    assert "Traceback" not in result.stderr and not (tmp_path / "c").exists()
-
-
+@pytest.mark.slow
 def test_multirun_and_report(tmp_path):
     sweep = tmp_path / "sweep"
-    result = cli("-m", "optimizer=adam,lodo", "seed=0,1", "num_seeds=1", "steps=60", "chunk_size=30",
+    result = cli("-m", "optimizer=adam,momentum", "seed=0,1", "num_seeds=1", "steps=60", "chunk_size=30",
                  "progress=false", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${optimizer.name}_${seed}")
     assert result.returncode == 0, result.stderr[-2000:]
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
-    assert folders == ["adam_0", "adam_1", "lodo_0", "lodo_1"]
-    assert json.loads((sweep / "lodo_1" / "summary.json").read_text())["seeds"] == [1]
-    provenance = json.loads((sweep / "lodo_1" / "provenance.json").read_text())
+    assert folders == ["adam_0", "adam_1", "momentum_0", "momentum_1"]
+    assert json.loads((sweep / "momentum_1" / "summary.json").read_text())["seeds"] == [1]
+    provenance = json.loads((sweep / "momentum_1" / "provenance.json").read_text())
     assert provenance["config"]["seed"] == 1 and provenance["op_determinism"] is False and "end_time" in provenance
 
     # The same sweep again: every job already finished, nothing is trained or rewritten.
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("summary.json")}
-    again = cli("-m", "optimizer=adam,lodo", "seed=0,1", "num_seeds=1", "steps=60", "chunk_size=30",
+    again = cli("-m", "optimizer=adam,momentum", "seed=0,1", "num_seeds=1", "steps=60", "chunk_size=30",
                 "progress=false", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${optimizer.name}_${seed}")
     assert again.returncode == 0, again.stderr[-2000:]
     skipped = [line.split("/")[-1] for line in again.stdout.splitlines() if line.startswith("already finished: ")]
-    assert sorted(skipped) == ["adam_0", "adam_1", "lodo_0", "lodo_1"]
+    assert sorted(skipped) == ["adam_0", "adam_1", "momentum_0", "momentum_1"]
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("summary.json")} == before
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    for name in ("adam", "lodo"):
+    for name in ("adam", "momentum"):
         (sweep / f"{name}_0").rename(runs / name)
     (runs / "crashed").mkdir()  # a job that left no summary.json
     out = tmp_path / "results"
@@ -162,12 +151,13 @@ def test_multirun_and_report(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     assert "skipped unfinished or crashed runs: crashed" in report.stderr
     table = pd.read_csv(out / "table1.csv")
-    assert list(table.optimizer) == ["adam", "lodo"]
+    assert list(table.optimizer) == ["adam", "momentum"]
     assert {"loss_100k_mean", "diverged", "seed_steps_per_s"} <= set(table.columns)
-    assert "| LODO |" in (out / "table1.md").read_text() and "\\begin{tabular}" in (out / "table1.tex").read_text()
+    assert "| Momentum |" in (out / "table1.md").read_text() and "\\begin{tabular}" in (out / "table1.tex").read_text()
     assert (out / "figure2.png").stat().st_size > 10_000 and (out / "figure2.pdf").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_turns_on_op_determinism(tmp_path):
     result = cli("deterministic=true", "optimizer=adam", "task.dim=4", "steps=5", "num_seeds=1", "progress=false",
                  f"hydra.run.dir={tmp_path}")
@@ -213,6 +203,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_kill_never_leaves_a_truncated_csv_or_json(tmp_path):
     """kill -9 a process that rewrites a 1.5 MB CSV and a JSON file without pause, at random moments:
     each file is always one complete version."""

@@ -129,3 +129,46 @@ def test_every_config_folder_ships_in_the_wheel():
     assert folders <= set(setup["packages"])
     with_yaml = {f for f in folders if any((ROOT / "configs" / Path(*f.split(".")[1:])).glob("*.yaml"))}
     assert with_yaml == {k for k, v in setup["package-data"].items() if k.startswith("lodo_configs") and "*.yaml" in v}
+
+
+def module_level_imports(path: Path, name: str) -> set[str]:
+    """What a module imports when it is imported (statements outside functions and classes)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+        else:
+            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+    return out
+
+
+def test_a_bad_command_line_is_refused_before_tensorflow_loads():
+    """Everything ``python -m lodo.run`` imports before it has checked the settings is free of TensorFlow and
+    Keras (importing them takes seconds); cli.main imports the training side in one place, afterwards."""
+    mods = modules()
+    seen, todo, heavy = set(), ["lodo.run", "hydra_plugins.lodo_ga_sweeper"], []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for target in module_level_imports(mods[name], name):
+            if target.split(".")[0] in ("tensorflow", "keras", "tensorflow_datasets"):
+                heavy.append(f"{name} imports {target}")
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                todo.append(target)
+                todo.extend(p for p in mods if target.startswith(p + ".") and p != target)  # parent packages run too
+    assert "lodo.experiment.config" in seen and "lodo.experiment.registry" in seen
+    assert heavy == []

@@ -43,6 +43,7 @@ def trace_of(folder, seed=0) -> dict:
     return {**trace, "losses": [row[0] for row in trace["trace_losses"]]}
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_folder_and_reports_the_last_percent_of_its_losses(tmp_path):
     summary = run(config("optimizer=lodo", "optimizer.num_layers=2", "num_seeds=2", "log_every=5"), tmp_path)
     for name in ("config.yaml", "curve.csv", "validation.csv", "summary.json", "seed_0.json", "seed_1.json"):
@@ -85,6 +86,7 @@ def test_cpu_sharing_flags_a_run_whose_cores_other_processes_used(monkeypatch):
     assert Trace.from_arrays([3], old).others_cpu == []
 
 
+@pytest.mark.slow
 def test_training_goes_on_until_both_the_step_and_the_time_milestones(tmp_path):
     summary = run(config("optimizer=adam", "num_seeds=1", "time_budget_s=0.5", "eval_every=10"), tmp_path)
     record = trace_of(tmp_path)
@@ -101,6 +103,7 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
     assert summary["loss_final_mean"] is None
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     whole = run(config("optimizer=lodo", "optimizer.num_layers=2", "eval_every=5", "checkpoint.every_s=0"), tmp_path / "whole")
 
@@ -140,6 +143,7 @@ def test_a_batch_that_the_replicas_cannot_share_is_refused(tmp_path):
         KerasSeedRunner(cfg, task, TwoReplicas(), seed=0)
 
 
+@pytest.mark.slow
 def test_a_termination_signal_checkpoints_exits_for_requeue_and_the_rerun_finishes_identically(tmp_path, monkeypatch):
     import os
     import signal

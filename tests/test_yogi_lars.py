@@ -105,6 +105,7 @@ def test_lars_needs_a_step_budget_and_checks_values():
 @pytest.mark.parametrize("make", [lambda: Yogi(learning_rate=0.05),
                                   lambda: LARS(learning_rate=0.05, momentum=0.9, total_steps=150)],
                          ids=["yogi", "lars"])
+@pytest.mark.slow
 def test_model_fit_reduces_the_loss(make):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((128, 5)).astype("float32")
@@ -161,6 +162,7 @@ def test_engine_yogi_matches_numpy_per_seed(float64_keras):
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_engine_lars_uses_per_seed_norms():
     bowl = registry.build_task("noisy_quadratic_bowl", dim=12)
     got = run_engine(bowl, "lars", [2, 7], 30, learning_rate=0.3, momentum=0.5, weight_decay=0.01, total_steps=40)

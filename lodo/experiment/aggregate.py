@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from lodo.experiment.report import cell, label, markdown_table, order_key, pyplot, save_figure, write_table
+from lodo.experiment.summary import upgrade as upgrade_summary
 
 NOT_RUN_FOLDERS = {"checkpoints", "tb"}  # inside a run folder; hidden folders (.hydra, .submitit) are skipped too
 
@@ -53,18 +54,14 @@ def read_summary(folder: Path) -> tuple[dict | None, str | None]:
         return None, "unreadable summary.json (not a JSON object)"
     if summary.get("completed") is False:
         return None, "not completed (summary.json says completed: false)"
-    return summary, None
+    return upgrade_summary(summary), None
 
 
-def number(summary: dict, *keys):
-    """The first of ``keys`` that holds a finite number (top level, or under ``final``/``test``)."""
-    for source in (summary, summary.get("final") or {}, summary.get("test") or {}):
-        if not isinstance(source, dict):
-            continue
-        for key in keys:
-            value = source.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                return value
+def number(summary: dict, key: str):
+    """``summary[key]`` if it is a finite number, else None (missing, null for a diverged run, or damaged)."""
+    value = summary.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
     return None
 
 
@@ -85,19 +82,17 @@ def rows(root: Path, runs: list[tuple[Path, dict]]) -> pd.DataFrame:
         num_seeds = len(seeds) if isinstance(seeds, list) else s.get("num_seeds")
         steps = number(s, "steps")
         train_time = number(s, "train_time_s")
-        steps_per_s = number(s, "steps_per_s")
-        if steps_per_s is None and steps and train_time:
-            steps_per_s = steps / train_time
+        steps_per_s = steps / train_time if steps and train_time else None  # one model's (one seed's) steps/s
         records.append({
             "folder": str(folder.relative_to(root)) if folder != root else ".",
             "task": s.get("task", "?"), "optimizer": s.get("optimizer", "?"),
             "hyperparameters": s.get("hyperparameters") or {}, "task_options": s.get("task_options") or {},
             "steps": steps, "seeds": num_seeds,
-            "loss_mean": number(s, "loss_final_mean", "train_loss_mean", "train_loss"),
-            "loss_std": number(s, "loss_final_std", "train_loss_std"),
+            "loss_mean": number(s, "loss_final_mean"),
+            "loss_std": number(s, "loss_final_std"),
             "diverged": s.get("diverged", 0) if isinstance(s.get("diverged"), int) else 0,
-            "test_loss": number(s, "test_loss_mean", "test_loss"),
-            "test_accuracy": number(s, "test_accuracy_mean", "test_accuracy"),
+            "test_loss": number(s, "test_loss_mean"),
+            "test_accuracy": number(s, "test_accuracy_mean"),
             "steps_per_s": steps_per_s, "seed_steps_per_s": number(s, "seed_steps_per_s"),
             "train_time_s": train_time,
         })

@@ -13,6 +13,7 @@ bad command line is refused in about a second.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -21,29 +22,21 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from lodo.experiment import config, gpus, registry, run_folder  # noqa: E402
 from lodo.experiment.checkpoints import CheckpointError  # noqa: E402
 from lodo.experiment.config import ConfigError  # noqa: E402
 
 
-def set_determinism(cfg: DictConfig) -> None:
-    """``deterministic=true``: op determinism and the global seeds, before any TF work of the run."""
-    if not cfg.get("deterministic"):
-        return
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(int(cfg.seed))  # Python, NumPy and TF global seeds
-    tf.config.experimental.enable_op_determinism()
-
-
 @hydra.main(config_path=str(registry.CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    from hydra.core.hydra_config import HydraConfig
-
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Hydra's logging setup passes INFO records on; TensorFlow's checkpoint writer logs one per save through absl.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         config.validate(cfg)
         if cfg.get("gpu_per_job"):
@@ -65,7 +58,7 @@ def main(cfg: DictConfig) -> dict:
                     distribute.configure_devices(cfg.distribute)
                 except distribute.DistributeError as err:
                     raise ConfigError(str(err)) from None
-            set_determinism(cfg)
+            job.set_determinism(cfg)
             provenance.write(out_dir, cfg)
             result = job.run(cfg, out_dir)
         except DataError as err:
@@ -92,9 +85,6 @@ def fail(message: str):
 
 def hydra_error(err: BaseException) -> str | None:
     """One line for an error Hydra raises before the run starts (None: not one of those)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     if isinstance(err, OSError) and err.filename is not None:
         return (f"cannot create the run folder {err.filename}: {err.strerror}; choose a writable folder with "
                 f"hydra.run.dir=… (hydra.sweep.dir=… with -m)")

@@ -15,6 +15,9 @@ registry when they are built.
 
 from __future__ import annotations
 
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from lodo.experiment import registry
@@ -38,10 +41,6 @@ def check_group_choices(argv: list[str]) -> None:
     Hydra's own message for a missing option spans several lines; this one
     names the bad value and lists the valid ones on one line.
     """
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     try:
         args, _ = get_args_parser().parse_known_args(argv)
     except SystemExit:

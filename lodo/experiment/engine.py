@@ -20,7 +20,6 @@ repeats an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from lodo.experiment import chunks

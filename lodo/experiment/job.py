@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
+import numpy as np
 import pandas as pd
+import tensorflow as tf
 from omegaconf import OmegaConf
 
 from lodo.experiment import chunks, distribute, keras_trainer, loop, metrics, outputs, registry, run_folder
@@ -41,6 +44,13 @@ def _log_every(cfg) -> int:
 
 def _checkpointing(cfg) -> dict:
     return dict(cfg.get("checkpoint") or {"every_s": 600, "keep": 2, "resume": True})
+
+
+def set_determinism(cfg) -> None:
+    """``deterministic=true``: op determinism and the global seeds, before any TF work of the run."""
+    if cfg.get("deterministic"):
+        keras.utils.set_random_seed(int(cfg.seed))  # Python, NumPy and TF global seeds
+        tf.config.experimental.enable_op_determinism()
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -159,8 +169,6 @@ def _jsonable_trace(trace: Trace) -> dict:
 
 def _finished_seed(done_file: Path, cfg, out_dir: Path):
     """(trace, extra) of a seed this run already finished; None if it has not (or its record is unreadable)."""
-    import numpy as np
-
     try:
         stored = json.loads(done_file.read_text())
         arrays = {k: v if k == "trace_milestones" else np.asarray(v, dtype=np.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_copy(source, path) -> None:
     """Copy the file ``source`` to ``path`` through a temporary file, as ``atomic_write_text`` writes."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

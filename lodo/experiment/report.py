@@ -26,6 +26,7 @@ import pandas as pd
 
 from lodo.experiment import registry
 from lodo.experiment.outputs import atomic_write_text, write_csv
+from lodo.experiment.summary import upgrade as upgrade_summary  # old image summaries in today's keys
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_DIR = ROOT / "results" / "paper"
@@ -73,7 +74,7 @@ def load_runs(runs_dir: Path) -> tuple[list[Run], list[str]]:
         if not path.exists():
             skipped.append(folder.name)
             continue
-        runs.append(Run(folder, json.loads(path.read_text())))
+        runs.append(Run(folder, upgrade_summary(json.loads(path.read_text()))))
     return runs, skipped
 
 

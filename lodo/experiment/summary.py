@@ -109,10 +109,15 @@ def upgrade(summary: dict) -> dict:
     s = dict(summary)
     if "seed_steps_per_s" not in s and "steps_per_s" in s:
         s["seed_steps_per_s"] = s.pop("steps_per_s")
-    for key in MILESTONE_METRICS:
-        if key in s and f"{key}_mean" not in s:
-            s[f"{key}_mean"] = s.pop(key)
-    s.pop("at_steps", None)
+    at_steps = s.pop("at_steps", None)  # image runs: every metric at the step budget
+    if isinstance(at_steps, dict):
+        for key, value in at_steps.items():
+            if key.startswith("test_"):
+                s.setdefault(key, value)
+    for key in MILESTONE_METRICS:  # image runs also had the bare mean, e.g. test_loss
+        if key in s:
+            value = s.pop(key)
+            s.setdefault(f"{key}_mean", value)
     if isinstance(s.get("time_budget"), dict):
         b = dict(s["time_budget"])
         for old, new in (("train_loss_mean", "loss_mean"), ("train_loss_std", "loss_std"),
