@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocesses: each imports TensorFlow and compiles
-
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ENV.pop("HYDRA_FULL_ERROR", None)
@@ -28,7 +26,10 @@ LOADER_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeL
                           r"STDERR|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*)$")
 TINY = ["steps=3", "num_seeds=1", "task.dim=4", "optimizer.num_layers=1", "progress=false"]
 
-# name -> (arguments, text the error line must contain)
+# name -> (arguments, text the error line must contain). An optimizer the registry refuses reaches the command line
+# through one path (ConfigError -> one line, exit 2), shown by learning_rate_not_a_number; the other refusals of that
+# kind are checked in-process (test_the_registry_refuses_bad_hyperparameters_in_one_line), without a TensorFlow import
+# per case.
 CASES = {
     "unknown_task": (["task=mnist"], "unknown task 'mnist'; valid task names: noisy_quadratic_bowl"),
     "unknown_optimizer": (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adam,"),
@@ -41,11 +42,7 @@ CASES = {
     "learning_rate_not_a_number": (["optimizer=adam", "optimizer.learning_rate=abc"],
                                    "optimizer.learning_rate must be a number, got 'abc'"),
     "num_seeds_zero": (["num_seeds=0"], "num_seeds must be a positive integer, got 0 (e.g. num_seeds=8)"),
-    "unknown_hyperparameter": (["+optimizer.foo=1"], "optimizer 'lodo' has no hyperparameter foo; it takes:"),
     "unknown_key_without_plus": (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
-    "block_size_zero": (["optimizer.block_size=0"], "block_size must be a positive integer, got 0"),
-    "block_size_fraction": (["optimizer.block_size=2.5"], "block_size must be a positive integer, got 2.5"),
-    "beta_above_one": (["optimizer.beta=1.5"], "beta must be in [0, 1), got 1.5"),
     "time_budget_negative": (["time_budget_s=-5"], "time_budget_s must be a positive number of seconds or null"),
     "checkpoint_every_negative": (["checkpoint.every_s=-1"], "checkpoint.every_s must be a non-negative number"),
     "malformed_override": (["steps=["], "malformed override 'steps=['"),
@@ -118,6 +115,7 @@ def results(tmp_path_factory):
     return {"results": done, "folders": folders, "results_dir_before": before, "workdir": workdir}
 
 
+@pytest.mark.slow  # the command line in subprocesses
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_error_line_and_exit_status_2(results, name):
     result = results["results"][name]
@@ -134,6 +132,7 @@ def test_bad_input_is_one_error_line_and_exit_status_2(results, name):
         assert not folder.exists(), f"a rejected run left {sorted(p.name for p in folder.iterdir())}"
 
 
+@pytest.mark.slow  # the command line in subprocesses
 def test_nothing_is_written_under_results(results):
     assert not any(results["workdir"].iterdir())  # where a relative results/ (or outputs/) would have gone
     # The repository's results/: no file changed. (New files are not checked: a tuning run on the same
@@ -142,6 +141,7 @@ def test_nothing_is_written_under_results(results):
     assert {p: t for p, t in results["results_dir_before"].items() if after.get(p) != t} == {}
 
 
+@pytest.mark.slow  # the command line in subprocesses
 def test_fresh_start_replaces_a_corrupted_checkpoint(results):
     folder = results["folders"]["corrupted_checkpoint"]
     result = cli(*TINY, "checkpoint.resume=false", f"hydra.run.dir={folder}")
@@ -150,3 +150,29 @@ def test_fresh_start_replaces_a_corrupted_checkpoint(results):
     assert summary["completed"] and summary["steps"] == 3
     metadata = [json.loads(p.read_text()) for p in (folder / "checkpoints").glob("ckpt-*/metadata.json")]
     assert [m["step"] for m in metadata] == [3]  # the corrupted one is gone, the new final one is there
+
+
+# The registry's refusals, each also what the command line prints (after "error: ").
+REGISTRY_CASES = {
+    "unknown_hyperparameter": (["+optimizer.foo=1"], "optimizer 'lodo' has no hyperparameter foo; it takes:"),
+    "block_size_zero": (["optimizer.block_size=0"], "block_size must be a positive integer, got 0"),
+    "block_size_fraction": (["optimizer.block_size=2.5"], "block_size must be a positive integer, got 2.5"),
+    "beta_above_one": (["optimizer.beta=1.5"], "beta must be in [0, 1), got 1.5"),
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY_CASES))
+def test_the_registry_refuses_bad_hyperparameters_in_one_line(name, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lodo.experiment import job
+    from lodo.experiment.config import ConfigError
+    from lodo.experiment.registry import CONFIG_DIR
+
+    overrides, expected = REGISTRY_CASES[name]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, *overrides])
+    with pytest.raises(ConfigError) as err:
+        job.run(cfg, tmp_path / "run")
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -70,6 +70,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions XLA's CPU compiler may use: two machines that differ in them can round differently.
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd",
+                     "sve")
+
+
+def cpu_vector_extensions() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in VECTOR_EXTENSIONS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def available_cpus() -> int | None:
     """The CPUs this process may run on (its affinity), which a container or a batch job can restrict."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -78,7 +94,7 @@ def available_cpus() -> int | None:
 def hardware() -> dict:
     """CPU and accelerators. Never initializes TensorFlow's devices: a run may still split them
     (``distribute.num_cpu_devices``), so the logical devices are counted only once they exist."""
-    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+    info = {"cpu_model": cpu_model(), "cpu_vector_extensions": cpu_vector_extensions(), "cpu_count": os.cpu_count(),
             "cpus_available": available_cpus(),
             "gpus": [], "gpu_count": 0, "logical_device_count": None, "logical_devices": None}
     if "tensorflow" not in sys.modules:
