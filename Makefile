@@ -21,14 +21,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	touch $@
 
-# One pytest worker per core (pytest-xdist); --dist loadfile keeps a file's tests on one worker, so a
-# module fixture (e.g. test_bad_input's batch of command lines) runs once, not once per worker.
+# One pytest worker per core (pytest-xdist). --dist loadgroup hands each test to the next free worker, but
+# keeps a file marked xdist_group on one worker, so its module fixture (e.g. test_bad_input's batch of
+# command lines) runs once, not once per worker; tests/conftest.py starts the longest work first.
 test: install  ## run the test suite
-	$(RUN) -m pytest -q -n auto --dist loadfile --durations=15 tests
+	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=15 tests
 
 # The inner loop: everything not marked slow (no subprocesses, no compiled image models, no end-to-end runs).
 test-fast: install  ## the tests not marked slow (the inner loop)
-	$(RUN) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+	$(RUN) -m pytest -q -n auto --dist loadgroup -m "not slow" tests
 
 reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) per optimizer on the bowl
 	$(RUN) -m lodo.run experiment=table1; status=$$?; $(MAKE) report-table1 && exit $$status

@@ -22,10 +22,11 @@ def float64_keras():
 
 
 def pytest_collection_modifyitems(items):
-    """Files with the most slow tests first: pytest-xdist (``--dist loadfile``) hands out whole files in
-    collection order, and a long file started last would keep one core busy while the other idles."""
-    slow = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
-    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
+    """The longest work first. ``make test`` runs pytest-xdist with ``--dist loadgroup``: a test is handed to
+    the next free worker, except that a module marked ``xdist_group`` (one whose module fixture runs many
+    subprocesses) goes to one worker whole. Started last, such a module, or any slow test, would keep one
+    core busy while the other idles."""
+    def weight(item):
+        return (item.get_closest_marker("xdist_group") is None, item.get_closest_marker("slow") is None)
+
+    items.sort(key=weight)  # stable: within each kind, the collection order

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the whole file: its module fixture is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("bad_input")
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ENV.pop("HYDRA_FULL_ERROR", None)

@@ -14,6 +14,9 @@ import pytest
 
 import two_devices
 
+# One worker runs the whole file: its module fixture is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("distributed")
+
 FIT_SCRIPT = """
 from lodo import LODO
 from optimizers.lars import LARS

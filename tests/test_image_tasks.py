@@ -13,6 +13,9 @@ from tasks.pixelcnn_mnist import PixelCNNMNIST
 from tasks.resnet18_cifar10 import ResNet18CIFAR10, augment
 from lodo.experiment import registry
 
+# One worker runs the whole file: its module fixture is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("image_tasks")
+
 SYNTHETIC = {"source": "synthetic"}
 CONFIGS = tasks.__file__.replace("tasks/__init__.py", "configs/task")
 

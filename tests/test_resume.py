@@ -26,6 +26,9 @@ import tensorflow as tf
 from lodo.experiment.checkpoints import CheckpointError, RunCheckpoint
 from lodo.experiment.preemption import Preemption
 
+# One worker runs the whole file: its module fixture is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("resume")
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 STEPS, CHUNK = 1200, 20
