@@ -30,10 +30,7 @@ def start(folder: Path) -> subprocess.Popen:
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
-    whole = start(tmp_path / "whole")
-    out, _ = whole.communicate(timeout=600)
-    assert whole.returncode == 0, out[-3000:]
-
+    whole = start(tmp_path / "whole")  # the reference trains meanwhile
     killed = start(tmp_path / "killed")
     checkpoints = tmp_path / "killed" / "checkpoints" / "seed_5"
     deadline = time.time() + 600
@@ -46,6 +43,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
     resumed = start(tmp_path / "killed")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
+    reference, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, reference[-3000:]
     assert "resumed from step" in out
 
     first, second = (json.loads((tmp_path / run / "seed_5.json").read_text())["trace"]["trace_losses"]

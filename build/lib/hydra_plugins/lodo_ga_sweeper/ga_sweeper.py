@@ -1,0 +1,536 @@
+"""``GASweeper``: SPEC §4.1's genetic algorithm, each generation launched through the configured Hydra launcher.
+
+``python -m lodo.run -m hydra/sweeper=ga task=rosenbrock optimizer=adam`` tunes
+the optimizer's ``tune:`` hyperparameters (``configs/optimizer/<name>.yaml``)
+with the task's schedule (``configs/hydra/sweeper/ga.yaml``). The algorithm
+itself is ``lodo.experiment.genetic``; this module only turns generations into jobs,
+jobs into scores, and keeps the sweep folder:
+
+- ``ga_state.json``: the search state, rewritten atomically after every
+  generation; the same command with the same ``hydra.sweep.dir`` continues
+  at the next generation (the individuals' noise and seeds are fixed, so the
+  result equals an uninterrupted sweep);
+- ``ga.log``: one line per generation (``gen 3/10: mean … best … std …``);
+- ``tuned.yaml``: the result, in the format of ``configs/tuned/<task>/<optimizer>.yaml``;
+- ``tuning.png`` / ``tuning.pdf``: every generation's scores and the hyperparameter trajectory;
+- ``gen_<g>/`` (small tasks: one job runs the whole generation, one seed per
+  individual, with per-seed hyperparameter lists) or ``gen_<g>/ind_<i>/``
+  (image tasks: one job per individual): the runs themselves.
+
+Only the standard library, OmegaConf and Hydra are imported at module level:
+Hydra imports every plugin module whenever the app starts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+
+# Defined outside this module: Hydra's plugin scan re-executes plugin modules in place, which would
+# make a new SweepError class that no earlier `except SweepError` could catch.
+from lodo.experiment.genetic import SweepError  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "ga_state.json"
+LOG_FILE = "ga.log"
+TUNED_FILE = "tuned.yaml"
+PLOT_STEM = "tuning"
+EXPORTED = (STATE_FILE, LOG_FILE, TUNED_FILE, f"{PLOT_STEM}.png", f"{PLOT_STEM}.pdf")
+STATE_FORMAT = 1
+# Set by the sweeper for every generation; the setting that controls each instead.
+RESERVED = {"seed": "hydra.sweeper.first_seed", "num_seeds": "hydra.sweeper.population",
+            "steps": "hydra.sweeper.steps"}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def quote(value: str) -> str:
+    """A string as a quoted Hydra override value."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def number(value: float) -> str:
+    """A float as an override value that parses back to the same float (repr round-trips)."""
+    return repr(float(value))
+
+
+class GASweeper(Sweeper):
+    def __init__(self, schedule: Optional[str] = None, population: Optional[int] = None,
+                 generations: Optional[int] = None, steps: Optional[int] = None, score_window: float = 0.1,
+                 seed: int = 0, first_seed: int = 1000, halve_rates_after: Optional[bool] = None,
+                 rate_keys: Any = ("learning_rate", "initial_lr", "eta0"), search_space: Any = None,
+                 stop_after: Optional[int] = None, install: Any = False, export_dir: Optional[str] = None,
+                 job_overrides: Any = (), schedules: Any = None) -> None:
+        super().__init__()
+        self.schedule_name = schedule
+        self.population, self.generations, self.steps = population, generations, steps
+        self.score_window, self.seed, self.first_seed = score_window, seed, first_seed
+        self.halve_rates_after = halve_rates_after
+        self.rate_keys = list(_plain(rate_keys) or [])
+        self.search_space = _plain(search_space)
+        self.stop_after, self.install, self.export_dir = stop_after, install, export_dir
+        self.job_overrides = [str(o) for o in (_plain(job_overrides) or [])]
+        self.schedules = dict(_plain(schedules) or {})
+        self.hydra_context: Optional[HydraContext] = None
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        try:
+            return self._sweep(list(arguments))
+        except SweepError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    # ------------------------------------------------------------------ setup
+    def _check_settings(self) -> None:
+        for key in ("population", "generations", "steps", "stop_after"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SweepError(f"hydra.sweeper.{key} must be a positive integer or null, got {value!r}")
+        if self.population is not None and self.population < 2:
+            raise SweepError(f"hydra.sweeper.population must be at least 2, got {self.population}")
+        for key in ("seed", "first_seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SweepError(f"hydra.sweeper.{key} must be a non-negative integer, got {value!r}")
+        window = self.score_window
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 < window <= 1:
+            raise SweepError(f"hydra.sweeper.score_window must be a fraction in (0, 1], got {window!r}")
+        if self.install not in (False, True, "overwrite"):
+            raise SweepError(f"hydra.sweeper.install must be false, true or overwrite, got {self.install!r}")
+        if self.halve_rates_after not in (None, True, False):
+            raise SweepError(f"hydra.sweeper.halve_rates_after must be true, false or null, got "
+                             f"{self.halve_rates_after!r}")
+
+    def _parse_arguments(self, arguments: List[str]) -> list:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(arguments)
+        for override in overrides:
+            key = override.key_or_group.lstrip("+~")
+            if override.is_sweep_override():
+                raise SweepError(f"the GA sweeper tunes one configuration, but {override.input_line!r} is a sweep: "
+                                 f"run one GA sweep per value")
+            if key in RESERVED:
+                raise SweepError(f"{key} is set by the GA sweeper for every generation; use {RESERVED[key]} instead")
+        return overrides
+
+    def _schedule(self, task_name: str, task_schedule):
+        from lodo.experiment import genetic
+
+        name = self.schedule_name or task_schedule
+        if name is None:
+            raise SweepError(f"no GA schedule for task {task_name!r}: pick one with hydra.sweeper.schedule="
+                             f"<{'|'.join(sorted(self.schedules))}> or give the task's YAML a ga_schedule")
+        if name not in self.schedules:
+            raise SweepError(f"unknown GA schedule {name!r}; valid schedules: {', '.join(sorted(self.schedules))}")
+        entry = self.schedules[name]
+        try:
+            return genetic.Schedule(name, tuple(entry["std"]), tuple(entry["steps"]),
+                                    int(self.population or entry["population"]),
+                                    bool(entry.get("halve_rates_after", False)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SweepError(f"GA schedule {name!r}: {err}") from None
+
+    def _search_space(self, optimizer: DictConfig) -> dict:
+        from lodo.experiment import genetic
+
+        name = optimizer.get("name")
+        space = self.search_space if self.search_space is not None else _plain(optimizer.get("tune"))
+        if not space:
+            raise SweepError(f"optimizer {name!r} has no tune: block (configs/optimizer/{name}.yaml) to say what to "
+                             f"tune; add one, or give hydra.sweeper.search_space='{{learning_rate: rate}}'")
+        if not isinstance(space, dict):
+            raise SweepError(f"the search space must map hyperparameters to rate or decay, got {space!r}")
+        for key, kind in space.items():
+            try:
+                genetic.check_kind(key, kind)
+            except ValueError as err:
+                raise SweepError(str(err)) from None
+            if key not in optimizer or key in ("name", "tune"):
+                raise SweepError(f"tune.{key}: optimizer {name!r} has no hyperparameter {key!r}")
+        return dict(space)
+
+    def _install_target(self, task: str, optimizer: str, untuned: tuple = ()) -> Optional[Path]:
+        """Where install writes; ``untuned``: hyperparameters of the optimizer's tune: block this search leaves out."""
+        if self.install is False:
+            return None
+        sources = _plain(self.config.hydra.runtime.config_sources) or []
+        main = [s for s in sources if s.get("provider") == "main" and s.get("schema") == "file"]
+        if not main:
+            raise SweepError("hydra.sweeper.install needs the app's config directory on disk (a file config source)")
+        target = Path(main[0]["path"]) / "tuned" / task / f"{optimizer}.yaml"
+        if target.exists() and self.install != "overwrite":
+            raise SweepError(f"{target} exists (it may hold the paper's values); hydra.sweeper.install=overwrite "
+                             f"replaces it, or leave install off and copy tuned.yaml by hand")
+        if target.exists() and untuned:
+            raise SweepError(f"this search leaves out {', '.join(untuned)}, so installing its tuned.yaml would drop "
+                             f"their values from {target}: leave install off and copy tuned.yaml's values by hand")
+        return target
+
+    # ------------------------------------------------------------------ sweep
+    def _sweep(self, arguments: List[str]) -> Any:
+        from lodo.experiment import genetic, outputs, registry
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        self._check_settings()
+        overrides = self._parse_arguments(arguments)
+        base = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
+        task_name, optimizer_name = str(base.task.name), str(base.optimizer.name)
+        space = self._search_space(base.optimizer)
+        keys, kinds = list(space), [space[k] for k in space]
+        center = []
+        for key, kind in zip(keys, kinds):
+            value = base.optimizer[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SweepError(f"optimizer.{key} must be a number to centre generation 0 on, got {value!r}")
+            try:
+                genetic.to_search(value, kind, f"optimizer.{key}")
+            except ValueError as err:
+                raise SweepError(str(err)) from None
+            center.append(float(value))
+        schedule = self._schedule(task_name, base.task.get("ga_schedule"))
+        try:
+            plan = schedule.plan(self.generations, self.steps)
+        except ValueError as err:
+            raise SweepError(f"hydra.sweeper: {err}") from None
+        population = schedule.population
+        halve = schedule.halve_rates_after if self.halve_rates_after is None else bool(self.halve_rates_after)
+        # One job per individual where a generation cannot be one multi-seed program: image tasks train one
+        # model per job, and an optimizer without per-seed hyperparameters cannot give each seed its own values.
+        image = registry.is_image_task(task_name)
+        separate = image or not registry.optimizer(optimizer_name).per_seed
+        untuned = tuple(k for k in (_plain(base.optimizer.get("tune")) or {}) if k not in space)
+        install_target = self._install_target(task_name, optimizer_name, untuned)
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
+        setup = json.loads(json.dumps({
+            "task": task_name, "optimizer": optimizer_name, "arguments": list(arguments), "search_space": space,
+            "center": center, "schedule": schedule.name, "population": population, "plan": plan,
+            "seed": self.seed, "first_seed": self.first_seed, "score_window": self.score_window,
+            "one_job_per_individual": separate, "job_overrides": self.job_overrides}))
+        state_path = sweep_dir / STATE_FILE
+        state = load_state(state_path, setup)
+        if state is not None and len(state["generations"]) == len(plan):
+            self._log(sweep_dir, f"all {len(plan)} generations are done; writing the results again")
+        elif state is not None:
+            self._log(sweep_dir, f"resuming at generation {len(state['generations'])}/{len(plan)}")
+        else:
+            mean = [genetic.clip_search(genetic.to_search(v, k), k) for v, k in zip(center, kinds)]
+            state = {"format": STATE_FORMAT, "setup": setup, "generations": [], "mean": mean, "jobs_launched": 0,
+                     "started": _now()}
+            self._log(sweep_dir, f"GA on {task_name} / {optimizer_name}: {len(plan)} generations x {population} "
+                                 f"individuals, schedule {schedule.name}, tuning {', '.join(keys)} from "
+                                 + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, center)))
+            outputs.write_json(state_path, state)
+
+        # The user's overrides stay in every job, except those of the tuned keys (they set the centre).
+        tuned_keys = {f"optimizer.{k}" for k in keys}
+        kept = [a for a, o in zip(arguments, overrides) if o.key_or_group.lstrip("+~") not in tuned_keys]
+        stop = len(plan) if self.stop_after is None else min(len(plan), int(self.stop_after))
+        returns = []
+        for g in range(len(state["generations"]), stop):
+            std, steps = plan[g]
+            z = genetic.individuals(state["mean"], std, population, self.seed, g, kinds)
+            values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
+            seeds = [self.first_seed + g * population + i for i in range(population)]
+            scores, walls, folders, results = self._run_generation(g, steps, keys, values, seeds, image, separate,
+                                                                   kept, sweep_dir, state)
+            wall = sum(walls)
+            state["generations"].append({
+                "generation": g, "std": std, "steps": steps, "mean": list(state["mean"]), "z": z.tolist(),
+                "values": values, "seeds": seeds, "scores": scores, "wall_s": wall, "retry_wall_s": sum(walls[1:]),
+                "jobs": [str(Path(folder).relative_to(sweep_dir)) for folder in folders], "finished": _now()})
+            state["mean"] = genetic.better_half_mean(z, scores).tolist()
+            outputs.write_json(state_path, state)
+            retried = f", {sum(walls[1:]):.1f} s of it re-running crashed jobs" if len(walls) > 1 else ""
+            self._log(sweep_dir, genetic.summary_line(g, len(plan), scores) + f" ({wall:.1f} s{retried})")
+            returns.append(results)
+
+        if len(state["generations"]) < len(plan):
+            self._plot(state, keys, kinds, sweep_dir)  # once per invocation: it takes seconds
+            self._log(sweep_dir, f"stopped after generation {len(state['generations']) - 1} (hydra.sweeper.stop_after="
+                                 f"{self.stop_after}); run the same command again to continue")
+            return returns
+        dataset = base.task.get("dataset")  # the image-generation task trains on MNIST or Fashion-MNIST
+        where = f"{task_name} ({dataset})" if dataset else task_name
+        tuned = self._finish(state, keys, kinds, schedule, halve, where, optimizer_name, sweep_dir, install_target)
+        self._log(sweep_dir, "tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in tuned.items()))
+        return returns
+
+    def _run_generation(self, g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state):
+        """Launches a generation's jobs; returns (scores, wall seconds per round of jobs, run folders, job returns).
+
+        A job that crashes takes every individual in it down with it; on the
+        small tasks, where one job runs many individuals, its individuals are
+        split in halves and launched again, until the crash is pinned on single
+        individuals, which score worst. (A job that stops the whole app, such
+        as a configuration error, stops the sweep instead.)
+        """
+        scores = [math.inf] * len(seeds)
+        ranges = [(0, len(seeds))] if not separate else [(i, i + 1) for i in range(len(seeds))]
+        walls, folders, returns = [], [], []
+        while ranges:
+            jobs = [self._job(g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir)
+                    for lo, hi in ranges]
+            batch = [overrides for overrides, _ in jobs]
+            self.validate_batch_is_legal(batch)
+            tic = time.perf_counter()
+            results = self.launcher.launch(batch, initial_job_idx=state["jobs_launched"])
+            walls.append(time.perf_counter() - tic)
+            state["jobs_launched"] += len(batch)
+            returns.extend(results)
+            retry = []
+            for (lo, hi), (_, folder), result in zip(ranges, jobs, results):
+                folders.append(folder)
+                if result.status == JobStatus.COMPLETED:
+                    for i, score in self._scores(folder, range(lo, hi), seeds, steps).items():
+                        scores[i] = score
+                    continue
+                error = f"{type(result._return_value).__name__}: {result._return_value}"
+                if hi - lo > 1:
+                    retry += [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
+                    log.warning(f"gen {g}: the job of individuals {lo}-{hi - 1} failed ({error}); running each half "
+                                f"on its own to find the individuals that fail")
+                else:
+                    log.warning(f"gen {g}: individual {lo} failed ({error}); it scores worst")
+            ranges = retry
+        return scores, walls, folders, returns
+
+    def _job(self, g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir):
+        """(overrides, run folder) of the job that trains individuals lo … hi−1 (one seed each).
+
+        On the small tasks the individuals' values are per-seed lists; the
+        whole generation is one job in ``gen_<g>/``, and a split-off part
+        (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job, or
+        one of an optimizer without per-seed hyperparameters, trains one individual in ``gen_<g>/ind_<i>/``.
+        """
+        from lodo.experiment import genetic
+
+        window = genetic.window_length(steps, self.score_window)
+        log_every = math.gcd(steps, window)  # curve rows that tile the score window exactly
+        common = [*kept, f"steps={steps}", f"log_every={log_every}", *self.job_overrides,
+                  f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo]}", f"num_seeds={hi - lo}"]
+        if separate:
+            subdir = f"gen_{g:02d}/ind_{lo:02d}"
+            # The score is the training loss: no pictures, and a one-image test set instead of the minutes that a
+            # full one costs (the summary keeps its test fields).
+            settings = (["artifacts=false", "test_size=1"] if image else [f"chunk_size={steps}"]) + [
+                f"optimizer.{k}={number(values[lo][d])}" for d, k in enumerate(keys)]
+        else:
+            part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
+            subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"
+            # One compiled chunk for the whole run: no host round trips in between, and no progress report
+            # while a runaway individual's loss passes through values that the runner cannot log.
+            settings = [f"chunk_size={steps}"] + [f"optimizer.{k}=[{','.join(number(row[d]) for row in values[lo:hi])}]"
+                                                  for d, k in enumerate(keys)]
+        return [*common, *settings, f"hydra.sweep.subdir={subdir}"], sweep_dir / subdir
+
+    def _scores(self, folder: Path, members, seeds, steps) -> dict:
+        """Individual → score from the run's ``curve.csv`` (rows per seed); a missing curve scores worst.
+
+        Where the curve's rows are too inexact to score (``genetic.window_score``
+        returns None), the run's own figure from ``summary.json`` is used: an
+        exact mean over the task's report window (the bowl: the last 1% of the
+        steps; Rosenbrock: the last 10%, steps 180–200 at 200 steps).
+        """
+        import pandas as pd
+
+        from lodo.experiment import genetic
+
+        path = Path(folder) / "curve.csv"
+        if not path.is_file():
+            log.warning(f"{path} is missing; its individuals score worst")
+            return {}
+        curve = pd.read_csv(path)
+        summary = _read_json(Path(folder) / "summary.json")
+        fallback = dict(zip(summary.get("seeds") or [], summary.get("loss_final_per_seed") or []))
+        scores = {}
+        for i in members:
+            rows = curve[curve["seed"] == seeds[i]]
+            score = genetic.window_score(rows["step"].to_numpy(), rows["loss"].to_numpy(), steps, self.score_window)
+            if score is None:
+                exact = fallback.get(seeds[i])
+                score = math.inf if exact is None or not math.isfinite(exact) else float(exact)
+                log.info(f"seed {seeds[i]}: its curve.csv rows lost their precision after a transient of huge "
+                         f"losses; scored by summary.json's report window instead ({score:.6g})")
+            scores[i] = score
+        return scores
+
+    # ------------------------------------------------------------------ outputs
+    def _log(self, sweep_dir: Path, line: str) -> None:
+        log.info(line)
+        with open(sweep_dir / LOG_FILE, "a") as f:
+            f.write(f"{_now()} {line}\n")
+
+    def _finish(self, state, keys, kinds, schedule, halve, task, optimizer, sweep_dir, install_target) -> dict:
+        from lodo.experiment import genetic, outputs
+
+        tuned = {k: genetic.from_search(v, kind) for k, v, kind in zip(keys, state["mean"], kinds)}
+        halved = [k for k in keys if halve and k in self.rate_keys]
+        for k in halved:
+            tuned[k] /= 2
+        last = state["generations"][-1]
+        scores = [math.inf if s is None else s for s in last["scores"]]
+        order = genetic.ranking(scores)
+        half = [scores[i] for i in order[:max(1, len(scores) // 2)]]
+        plan = state["setup"]["plan"]
+        steps = sorted({int(s) for _, s in plan})
+        lines = [
+            "# @package optimizer",
+            f"# Tuned by this project's genetic algorithm (SPEC §4.1; python -m lodo.run -m hydra/sweeper=ga) "
+            f"on {task}, {_now()[:10]}.",
+            f"# Schedule {schedule.name}: {len(plan)} generations x {state['setup']['population']} individuals, "
+            f"{', '.join(str(s) for s in steps)} steps; generation 0 centred on "
+            + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, state["setup"]["center"])) + ".",
+            f"# Score (mean training loss over the last {self.score_window:g} of the steps), last generation: "
+            f"better half {_fmt(sum(half) / len(half))}, best {_fmt(min(scores))}. Values: the final mean.",
+        ]
+        if halved:
+            lines.append(f"# {', '.join(halved)} halved after tuning (hydra.sweeper.halve_rates_after), as the paper "
+                         f"did for image generation.")
+        lines += [f"{k}: {_yaml_number(v, kind)}" for k, v, kind in zip(keys, tuned.values(), kinds)]
+        text = "\n".join(lines) + "\n"
+        outputs.atomic_write_text(sweep_dir / TUNED_FILE, text)
+        self._plot(state, keys, kinds, sweep_dir)
+        if install_target is not None:
+            outputs.atomic_write_text(install_target, text)
+            self._log(sweep_dir, f"installed {install_target}")
+        if self.export_dir:
+            export = Path(str(self.export_dir))
+            export.mkdir(parents=True, exist_ok=True)
+            for name in EXPORTED:
+                if (sweep_dir / name).is_file() and (sweep_dir / name).resolve() != (export / name).resolve():
+                    shutil.copyfile(sweep_dir / name, export / name)
+        return tuned
+
+    def _plot(self, state, keys, kinds, sweep_dir: Path) -> None:
+        """Scores per generation and each hyperparameter's trajectory (PNG and PDF); a failure only warns."""
+        try:
+            self._draw(state, keys, kinds, sweep_dir)
+        except Exception as err:  # the figure must never cost the sweep its result
+            log.warning(f"the tuning plot failed ({type(err).__name__}: {err}); the results are unaffected")
+
+    def _draw(self, state, keys, kinds, sweep_dir: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        from lodo.experiment import genetic
+
+        gens = state["generations"]
+        fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.2 * (1 + len(keys)), 3.6), squeeze=False)
+        ax = axes[0, 0]
+        finite = [v for r in gens for v in r["scores"] if v is not None and math.isfinite(v)]
+        log_scale = bool(finite) and min(finite) > 0
+        # Scores of runaway runs (1e270 is possible in float64) sit on a ceiling, failures just above it.
+        ceiling = (min(finite) * 1e6 if log_scale else max(finite)) if finite else 1.0
+        best, middle, failure_label = [], [], "failed (NaN/inf)"
+        for record in gens:
+            s = np.array([np.inf if v is None else v for v in record["scores"]], dtype=float)
+            ok = s[np.isfinite(s)]
+            x = record["generation"]
+            ax.scatter(np.full(ok.size, x), np.minimum(ok, ceiling), s=8, alpha=0.4, color="tab:blue")
+            if ok.size < s.size:
+                ax.scatter([x] * (s.size - ok.size), [ceiling * (2 if log_scale else 1)] * (s.size - ok.size), s=12,
+                           marker="x", color="tab:red", label=failure_label)
+                failure_label = None
+            best.append(ok.min() if ok.size else np.nan)
+            middle.append(min(np.median(ok), ceiling) if ok.size else np.nan)
+        g = [r["generation"] for r in gens]
+        ax.plot(g, best, "o-", color="tab:red", label="best")
+        ax.plot(g, middle, "s--", color="tab:gray", label="median")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set(xlabel="generation", ylabel="score (training loss)", title=f"{state['setup']['optimizer']} on "
+               f"{state['setup']['task']}")
+        ax.legend(fontsize=8)
+        for d, (key, kind) in enumerate(zip(keys, kinds)):
+            ax = axes[0, 1 + d]
+
+            def shown(value, kind=kind):
+                return 1 - value if kind == "decay" else value
+
+            for record in gens:
+                v = [shown(row[d]) for row in record["values"]]
+                ax.scatter(np.full(len(v), record["generation"]), v, s=8, alpha=0.3, color="tab:blue")
+            means = [shown(genetic.from_search(r["mean"][d], kind)) for r in gens]
+            final = shown(genetic.from_search(state["mean"][d], kind))
+            ax.plot(g + [len(gens)], means + [final], "o-", color="tab:red", label="generation mean")
+            ax.set_yscale("log")
+            ax.set(xlabel="generation", ylabel=f"1 − {key}" if kind == "decay" else key, title=key)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        for suffix in ("png", "pdf"):
+            tmp = sweep_dir / f".{PLOT_STEM}.tmp.{suffix}"
+            fig.savefig(tmp, dpi=120)
+            tmp.replace(sweep_dir / f"{PLOT_STEM}.{suffix}")  # atomic, like lodo.outputs
+        plt.close(fig)
+
+
+def load_state(path: Path, setup: dict) -> Optional[dict]:
+    """The saved search state of a sweep with exactly these settings, None if there is none, else a SweepError."""
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("format") != STATE_FORMAT or state.get("setup") != setup:
+        stored = state.get("setup") or {}
+        differ = sorted(k for k in set(setup) | set(stored) if stored.get(k) != setup.get(k)) or ["format"]
+        raise SweepError(f"{path} holds a GA sweep with other settings ({', '.join(differ)}); continue it with the "
+                         f"same command, or give a new hydra.sweep.dir")
+    return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else "failed"
+
+
+def _yaml_number(value: float, kind: str) -> str:
+    """Six significant digits; for a decay, of 1 − x (0.9999723 keeps its meaningful digits)."""
+    if kind == "decay" and 0 < value < 1:
+        digits = max(0, 6 - int(math.floor(math.log10(1 - value))) - 1)
+        text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        return text if "." in text else text + ".0"
+    mantissa, _, exponent = f"{value:.6g}".partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"  # YAML 1.1 (PyYAML) reads 1e-05 as a string, 1.0e-05 as a float
+    return mantissa + (f"e{exponent}" if exponent else "")

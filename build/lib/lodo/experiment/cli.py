@@ -1,0 +1,135 @@
+"""The command line: ``python -m lodo.run task=… optimizer=… steps=… seed=… num_seeds=…``.
+
+What a run writes is described in ``lodo.experiment.job``. Never lose work: a
+run started again in the same folder resumes from its newest checkpoint
+(``checkpoint.resume=false`` starts afresh), a finished one is skipped
+(``already finished: <dir>``), and SIGTERM or submitit's SIGUSR2 make the run
+checkpoint and exit for requeueing (``lodo.experiment.preemption``). Bad input
+stops the run with one line, ``error: …``, and exit status 2.
+
+TensorFlow is imported only once the settings have been checked (``main``), so a
+bad command line is refused in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from lodo.experiment import config, gpus, registry, run_folder  # noqa: E402
+from lodo.experiment.checkpoints import CheckpointError  # noqa: E402
+from lodo.experiment.config import ConfigError  # noqa: E402
+
+
+@hydra.main(config_path=str(registry.CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Hydra's logging setup passes INFO records on; TensorFlow's checkpoint writer logs one per save through absl.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        config.validate(cfg)
+        if cfg.get("gpu_per_job"):
+            gpus.claim_gpu()
+        if not (cfg.get("checkpoint") or {}).get("resume", True):
+            run_folder.start_fresh(out_dir)
+        else:
+            finished = run_folder.finished_summary(cfg, out_dir)
+            if finished is not None:
+                print(f"already finished: {out_dir}", flush=True)
+                return finished
+        # The one deferred import: TensorFlow and everything that trains.
+        from lodo.experiment import distribute, job, provenance
+        from tasks.image_base import DataError
+
+        try:
+            if registry.is_image_task(cfg.task.name):
+                try:  # logical devices must exist before anything (provenance, determinism) starts TensorFlow
+                    distribute.configure_devices(cfg.distribute)
+                except distribute.DistributeError as err:
+                    raise ConfigError(str(err)) from None
+            job.set_determinism(cfg)
+            provenance.write(out_dir, cfg)
+            result = job.run(cfg, out_dir)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        provenance.write(out_dir, cfg, end_time=provenance.utc_now())
+        return result
+    except (ConfigError, CheckpointError) as err:
+        run_folder.discard_if_empty(out_dir)
+        fail(str(err))
+    except OSError as err:
+        if err.filename is None:
+            raise
+        inside = Path(str(err.filename)).resolve().is_relative_to(out_dir.resolve())
+        fail(f"cannot access {err.filename}: {err.strerror}"
+             + ("; choose a writable folder with hydra.run.dir=… (hydra.sweep.dir=… with -m)" if inside else ""))
+
+
+def fail(message: str):
+    """One line on stderr and exit status 2."""
+    sys.stdout.flush()
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def hydra_error(err: BaseException) -> str | None:
+    """One line for an error Hydra raises before the run starts (None: not one of those)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return (f"cannot create the run folder {err.filename}: {err.strerror}; choose a writable folder with "
+                f"hydra.run.dir=… (hydra.sweep.dir=… with -m)")
+    if isinstance(err, ValueError) and not isinstance(err, ConfigError):
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and f"{os.sep}hydra{os.sep}" in frames[-1].filename:  # e.g. -m together with --cfg
+            return " ".join(str(err).split())
+        return None
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return None
+    parts = []
+    texts = [str(err)] + ([str(err.__cause__)] if isinstance(err.__cause__, OmegaConfBaseException) else [])
+    for text in texts:
+        lines = iter(text.splitlines())
+        for line in lines:
+            line = line.strip().rstrip(".")
+            if line.startswith("Available options in"):  # then one option per line, then the search path
+                group = line.split("'")[1] if "'" in line else "the group"
+                options = []
+                for option in lines:
+                    if not option.startswith("\t"):
+                        break
+                    options.append(option.strip())
+                parts.append(f"valid {group} options: {', '.join(options)}")
+                break
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "See https://",
+                                             "Set the environment variable")) or line in parts:
+                continue
+            parts.append(line)
+    return "; ".join(parts)
+
+
+def cli() -> None:
+    try:
+        config.check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        fail(str(err))
+    # Hydra prints its own errors over several lines unless HYDRA_FULL_ERROR is set, in which case it
+    # raises them: catch them here and say each in one line (a user who set it gets Hydra's tracebacks).
+    user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:
+        message = None if user_wants_tracebacks else hydra_error(err)
+        if message is None:
+            raise
+        fail(message)

@@ -1,0 +1,141 @@
+"""The training loop of a run, around the timed chunk loop (``lodo.experiment.chunks``).
+
+One function, ``train``, for every task and optimizer. Given a chunk runner (the
+multi-seed engine or one seed's Keras model), it owns what happens between chunks:
+
+- resuming from the newest checkpoint, after checking that the checkpoint's
+  "same settings" record (the resolved config, saved in every checkpoint) matches
+  this run: a changed config is refused, never silently relabelled;
+- the progress bar and TensorBoard (``train/loss``, and every evaluation the runner
+  makes, e.g. ``lodo/hessian_error`` or ``validation/loss``);
+- the milestones: after ``steps`` steps and after ``time_budget_s`` seconds of
+  training (or when every seed has diverged), the runner's milestone metrics
+  (e.g. the test set) are recorded and a checkpoint is written;
+- checkpoint cadence (every ``checkpoint.every_s`` seconds) and preemption
+  (SIGTERM, submitit's signal): checkpoint, then exit for requeueing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from lodo.experiment import chunks
+from lodo.experiment.checkpoints import CheckpointError, RunCheckpoint
+from lodo.experiment.chunks import Trace
+from lodo.experiment.config import FRESH_HINT, check_same_run
+from lodo.experiment.preemption import Preemption
+
+# TensorBoard tag of each evaluation a runner makes.
+TB_TAGS = {"hessian_error": "lodo/hessian_error", "val_loss": "validation/loss"}
+
+
+def loggable_mean(losses) -> float:
+    """The mean of the finite-or-inf losses, as the float32 that TensorBoard stores.
+
+    A runaway loss beyond float32's range becomes inf here; passed on as is, it made ``tf.summary.scalar`` raise,
+    which crashed the job (in a GA generation, every individual sharing it).
+    """
+    with np.errstate(all="ignore"):
+        return float(np.float32(np.nanmean(np.asarray(losses, dtype=np.float64))))
+
+
+def restore(checkpoint: RunCheckpoint, seeds, config: dict, what_dir: Path, label: str) -> Trace | None:
+    """The trace of the newest checkpoint, its state loaded into the runner; None if there is none."""
+    stored = checkpoint.peek()
+    if stored is None:
+        return None
+    if "trace_losses" not in stored.get("_arrays", []):
+        raise CheckpointError(f"checkpoint {checkpoint.latest()} was written by an older version of this "
+                              f"runner and cannot be resumed; {FRESH_HINT.format(dir=what_dir)}")
+    check_same_run(stored.get("config", {}), config, what_dir, "a checkpoint")
+    restored = checkpoint.restore()
+    print(f"{label}resumed from step {restored['step']}", flush=True)
+    return Trace.from_arrays(seeds, restored)
+
+
+def train(runner, *, steps: int, time_budget_s: float | None, config: dict, checkpoint_dir: Path,
+          checkpointing: dict, tb_dir: Path, desc: str, progress: bool = True, log_every: int = 1,
+          run_dir: Path | None = None, label: str = "", on_start=None) -> Trace:
+    """Train ``runner`` to its milestones, resuming from ``checkpoint_dir`` when it holds this run.
+
+    ``config`` is the resolved config, stored in every checkpoint and compared on resume;
+    ``checkpointing`` holds ``every_s``, ``keep`` and ``resume``; ``label`` prefixes console lines
+    (e.g. ``"seed 3: "`` when seeds train one after another); ``on_start()`` runs once the folder is known
+    to hold this run (e.g. to write config.yaml), before training.
+    """
+    run_dir = run_dir or checkpoint_dir.parent
+    checkpoint = RunCheckpoint(checkpoint_dir, keep=checkpointing["keep"], every_s=checkpointing["every_s"],
+                               **runner.trackables())
+    trace = restore(checkpoint, runner.seeds, config, run_dir, label) if checkpointing["resume"] else None
+    saved_step = trace.steps_done if trace is not None else None
+    if on_start is not None:
+        on_start()
+
+    def save(current: Trace) -> None:
+        nonlocal saved_step
+        if current.steps_done == saved_step:
+            return  # this state is already the newest checkpoint
+        checkpoint.save(current.steps_done, {"config": config, **current.to_arrays()})
+        saved_step = current.steps_done
+
+    writer = tf.summary.create_file_writer(str(tb_dir))
+    logged = {name: len(trace.evaluated(name)) for name in TB_TAGS} if trace else dict.fromkeys(TB_TAGS, 0)
+    bar = tqdm(total=steps, initial=min(steps, trace.steps_done) if trace else 0, desc=desc, unit="step",
+               disable=not progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+
+    def log(current: Trace) -> None:
+        losses = current.losses[-1]
+        recent = loggable_mean(losses[-min(len(losses), log_every):])
+        bar.update(min(steps, current.steps_done) - bar.n)
+        bar.set_postfix(loss=f"{recent:.4g}", train_s=f"{current.train_time_s:.1f}")
+        with writer.as_default(step=current.steps_done):
+            tf.summary.scalar("train/loss", recent)
+        for name, tag in TB_TAGS.items():
+            found = current.evaluated(name)
+            for step, _, values in found[logged[name]:]:
+                with writer.as_default(step=step):
+                    tf.summary.scalar(tag, loggable_mean(values))
+            logged[name] = len(found)
+
+    def milestones(current: Trace) -> bool:
+        """Record the milestones this chunk reached; whether it reached one."""
+        reached = []
+        if "steps" not in current.milestones and (current.steps_done >= steps or current.all_diverged):
+            reached.append("steps")
+        if time_budget_s is not None and "time" not in current.milestones and (
+                current.train_time_s >= time_budget_s or current.all_diverged):
+            reached.append("time")
+        for kind in reached:
+            metrics = runner.milestone() if hasattr(runner, "milestone") and not current.all_diverged else {}
+            current.milestones[kind] = {"step": current.steps_done, "train_time_s": current.train_time_s, **metrics}
+            with writer.as_default(step=current.steps_done):
+                for key, value in metrics.items():
+                    if key.startswith("test_") and isinstance(value, float):
+                        tf.summary.scalar(f"test/{key[5:]}", value)
+        return bool(reached)
+
+    with Preemption() as preemption:
+        def after_chunk(current: Trace) -> bool:
+            log(current)
+            if milestones(current) or checkpoint.due() or preemption.requested:
+                save(current)
+            return preemption.requested
+
+        trace = chunks.train(runner, steps, time_budget_s, trace=trace, after_chunk=after_chunk)
+        save(trace)
+        if preemption.requested and not chunks.finished(trace, steps, time_budget_s):
+            bar.close()
+            writer.flush()
+            print(f"{label}stopped by {preemption.signal_name} at step {trace.steps_done}: checkpoint saved in "
+                  f"{checkpoint.directory}; exiting with status {Preemption.EXIT_CODE} for requeueing; rerun the "
+                  f"same command to resume", flush=True)
+            preemption.exit_for_requeue()
+    bar.close()
+    writer.flush()
+    checkpoint.prune(1)  # a finished run keeps only its final checkpoint
+    return trace
