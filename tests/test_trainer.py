@@ -171,3 +171,39 @@ def test_a_termination_signal_checkpoints_exits_for_requeue_and_the_rerun_finish
     first, second = trace_of(tmp_path / "whole"), trace_of(tmp_path / "stopped")
     assert second["losses"] == first["losses"]
     assert resumed["test_loss_per_seed"] == whole["test_loss_per_seed"]
+
+
+def test_an_interrupted_run_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """The image run's checkpoints carry the run's settings: a rerun with other ones would relabel the steps
+    already trained, so it is refused, and config.yaml keeps the settings the steps were trained with."""
+    train = KerasSeedRunner.train
+
+    def killed_after_one_chunk(self, count):
+        if killed_after_one_chunk.calls:
+            raise KeyboardInterrupt
+        killed_after_one_chunk.calls += 1
+        return train(self, count)
+
+    killed_after_one_chunk.calls = 0
+    monkeypatch.setattr(KerasSeedRunner, "train", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(config("optimizer=adam", "eval_every=5", "checkpoint.every_s=0"), tmp_path)
+    monkeypatch.setattr(KerasSeedRunner, "train", train)
+    stored = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"holds a checkpoint with other settings \(optimizer.learning_rate: "
+                                          r"[0-9.]+ -> 0.01\)") as err:
+        run(config("optimizer=adam", "optimizer.learning_rate=0.01", "eval_every=5", "checkpoint.every_s=0"), tmp_path)
+    assert "checkpoint.resume=false" in str(err.value)
+    assert (tmp_path / "config.yaml").read_text() == stored
+
+
+def test_the_console_summary_survives_missing_and_null_figures():
+    """Every key may be missing or null (a diverged run, a run without test metrics): one summary line each."""
+    from lodo.experiment.summary import format_summary
+
+    keys = ("optimizer", "task", "seeds", "steps", "train_time_s", "seed_steps_per_s", "num_params", "report_window",
+            "loss_final_mean", "loss_final_std", "diverged", "test_loss_mean", "test_loss_std", "test_accuracy_mean",
+            "optimum_loss", "optimum_label")
+    text = format_summary(dict.fromkeys(keys) | {"time_budget": {"seconds": 5, "loss_mean": None}})
+    assert "diverged" in text and "test loss: diverged" in text and "at 5 s of training" in text
+    assert format_summary({}).startswith("None on None: 0 seeds")
