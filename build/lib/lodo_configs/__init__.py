@@ -1,1 +1,0 @@
-"""The Hydra configs of ``python -m lodo.run``, installed as the package ``lodo_configs``."""
