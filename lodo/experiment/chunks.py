@@ -78,14 +78,18 @@ class Trace:
     def train_time_s(self) -> float:
         return float(self.chunk_ends[-1][1]) if self.chunk_ends else 0.0
 
+    def _ends(self) -> np.ndarray:
+        """``[chunks + 1, 2]``: (steps done, training time) at the start and after every chunk."""
+        return np.array([(0, 0.0)] + [tuple(e) for e in self.chunk_ends], dtype=np.float64)
+
     def time_at_step(self, steps):
         """Training time after ``steps`` steps, linear within a chunk (its steps cost the same)."""
-        ends = np.array([(0, 0.0)] + [tuple(e) for e in self.chunk_ends], dtype=np.float64)
+        ends = self._ends()
         return np.interp(steps, ends[:, 0], ends[:, 1])
 
     def steps_within(self, seconds: float) -> int:
         """How many steps were done within ``seconds`` of training time."""
-        ends = np.array([(0, 0.0)] + [tuple(e) for e in self.chunk_ends], dtype=np.float64)
+        ends = self._ends()
         return int(math.floor(np.interp(seconds, ends[:, 1], ends[:, 0])))
 
     def loss_matrix(self) -> np.ndarray:

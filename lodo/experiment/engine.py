@@ -20,6 +20,8 @@ repeats an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from lodo.experiment import chunks
@@ -38,7 +40,7 @@ class Engine:
         self.task, self.optimizer, self.seeds = task, optimizer, tuple(int(s) for s in seeds)
         self.chunk_size = self.max_chunk = int(chunk_size)
         self.record_params = bool(record_params)
-        self.eval_every = 0  # set by run(): the Hessian error every this many steps
+        self.eval_every = 0  # the Hessian error every this many steps (track_hessian)
         self.problem = task.setup(self.seeds)
         self.params = tf.Variable(self.problem.initial_params, trainable=False, name="params")
         self.batch_state = tf.Variable(self.problem.initial_batch_state, trainable=False, name="batch")
@@ -109,13 +111,18 @@ class Engine:
         residual = tf.eye(n, dtype=hessian.dtype)[None] - product
         return tf.sqrt(tf.reduce_sum(tf.square(residual), axis=[1, 2]) / n)
 
-    @property
+    @functools.cached_property
     def has_preconditioner(self) -> bool:
-        return self.optimizer.preconditioner_times(tf.zeros([len(self.seeds), self.task.num_params, 1], self.task.dtype)) is not None
+        probe = tf.zeros([len(self.seeds), self.task.num_params, 1], self.task.dtype)
+        return self.optimizer.preconditioner_times(probe) is not None
+
+    def track_hessian(self, every: int) -> None:
+        """The Hessian approximation error every ``every`` steps (0: never; only a learned preconditioner has one)."""
+        self.eval_every = int(every) if every and self.has_preconditioner else 0
 
     def compile(self) -> None:
         [t.numpy() for t in tf.nest.flatten(self._chunk(tf.constant(0)))]
-        if self.eval_every and self.has_preconditioner:
+        if self.eval_every:
             self._hessian_error().numpy()
 
     def train(self, count: int):
@@ -132,7 +139,7 @@ class Engine:
 
         ``trace``: the trace of a run restored to its last chunk (``trackables()`` already loaded).
         """
-        self.eval_every = int(hessian_every) if hessian_every and self.has_preconditioner else 0
+        self.track_hessian(hessian_every)
         return chunks.train(self, steps, time_budget_s, trace=trace, after_chunk=after_chunk)
 
     def finish(self, trace: Trace) -> None:

@@ -89,7 +89,7 @@ def run_small_task(cfg, out_dir: Path) -> dict:
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     hessian_every = max(cfg.chunk_size, steps // 20) if cfg.hessian_every is None else cfg.hessian_every
-    engine.eval_every = hessian_every if hessian_every and engine.has_preconditioner else 0
+    engine.track_hessian(hessian_every)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpointing = _checkpointing(cfg)
