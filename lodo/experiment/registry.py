@@ -17,11 +17,17 @@ Optimizer YAML keys that describe the entry (everything else is a hyperparameter
   ``per_seed``  the engine factory also takes each float hyperparameter as a list with one value
                 per seed (the genetic tuner then trains a whole generation in one program;
                 without it, each individual is a job of its own);
-  ``tune``      the genetic tuner's search space (``rate``: log x, ``decay``: log(1 − x)).
+  ``tune``      the genetic tuner's search space (``rate``: log x, ``decay``: log(1 − x));
+  ``limits``    what each hyperparameter may be, e.g. ``beta_1: "[0, 1)"`` (``lodo.experiment.limits``),
+                checked with every other setting before any work;
+  ``footprint`` ``state:`` the numbers of state it keeps per seed, an expression in ``n`` and its
+                hyperparameters, for the memory check (``lodo.experiment.memory``).
 Task YAML keys that describe the entry:
   ``label``, ``class`` (dotted path of a ``tasks.base.SmallTask`` or ``tasks.image_base.ImageTask``),
   ``ga_schedule`` (the genetic tuner's schedule, a name in ``configs/hydra/sweeper/ga.yaml``),
-  ``steps`` (the paper's step budget, which the run's ``steps`` defaults to).
+  ``steps`` (the paper's step budget, which the run's ``steps`` defaults to), ``limits`` (as for an
+  optimizer; a nested option is written ``data.source``), ``footprint`` (``parameters``,
+  ``constants`` and ``bytes_per_number``, expressions in the task's options).
 
 Reading the registry parses YAML only; a task's or optimizer's module is imported
 when it is built, so a bad name is refused before TensorFlow loads.
@@ -56,8 +62,8 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 
-OPTIMIZER_META_KEYS = ("name", "label", "order", "keras", "engine", "per_seed", "tune")
-TASK_META_KEYS = ("name", "label", "class", "ga_schedule", "steps")
+OPTIMIZER_META_KEYS = ("name", "label", "order", "keras", "engine", "per_seed", "tune", "limits", "footprint")
+TASK_META_KEYS = ("name", "label", "class", "ga_schedule", "steps", "limits", "footprint")
 
 
 class RegistryError(ValueError):
@@ -74,6 +80,8 @@ class OptimizerEntry:
     per_seed: bool
     tune: dict
     defaults: dict = field(repr=False)  # the YAML's hyperparameters
+    limits: dict = field(default_factory=dict, repr=False)
+    footprint: dict = field(default_factory=dict, repr=False)
 
     @property
     def runs_on_small_tasks(self) -> bool:
@@ -91,6 +99,8 @@ class TaskEntry:
     cls: str
     ga_schedule: str | None
     defaults: dict = field(repr=False)
+    limits: dict = field(default_factory=dict, repr=False)
+    footprint: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def task_class(self) -> type:
@@ -157,7 +167,9 @@ def optimizer(name: str) -> OptimizerEntry:
                           order=math.inf if order is None else float(order),
                           keras=data.get("keras"), engine=data.get("engine"), per_seed=bool(data.get("per_seed")),
                           tune=dict(data.get("tune") or {}),
-                          defaults={k: v for k, v in data.items() if k not in OPTIMIZER_META_KEYS})
+                          defaults={k: v for k, v in data.items() if k not in OPTIMIZER_META_KEYS},
+                          limits=_mapping(data, "limits", f"optimizer {name!r}"),
+                          footprint=_mapping(data, "footprint", f"optimizer {name!r}"))
 
 
 def task(name: str) -> TaskEntry:
@@ -166,7 +178,15 @@ def task(name: str) -> TaskEntry:
         raise RegistryError(f"task {name!r} names no class: add `class: package.module.TaskClass` to its YAML")
     return TaskEntry(name=name, label=str(data.get("label") or name), cls=str(data["class"]),
                      ga_schedule=data.get("ga_schedule"),
-                     defaults={k: v for k, v in data.items() if k not in TASK_META_KEYS})
+                     defaults={k: v for k, v in data.items() if k not in TASK_META_KEYS},
+                     limits=_mapping(data, "limits", f"task {name!r}"), footprint=_mapping(data, "footprint", f"task {name!r}"))
+
+
+def _mapping(data: dict, key: str, what: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise RegistryError(f"{what}: {key} must be a mapping of setting: value, got {value!r}")
+    return dict(value)
 
 
 def add_optimizer(name: str, **entry) -> None:
