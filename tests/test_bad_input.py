@@ -29,33 +29,88 @@ LOADER_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeL
                           r"STDERR|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*)$")
 TINY = ["steps=3", "num_seeds=1", "task.dim=4", "optimizer.num_layers=1", "progress=false"]
 
-# name -> (arguments, text the error line must contain). An optimizer the registry refuses reaches the command line
-# through one path (ConfigError -> one line, exit 2), shown by learning_rate_not_a_number; the other refusals of that
-# kind are checked in-process (test_the_registry_refuses_bad_hyperparameters_in_one_line), without a TensorFlow import
-# per case.
-CASES = {
+# name -> (arguments, text the error line must contain). These are refused before TensorFlow starts, so they
+# all run in one process (tests/cli_batch.py), which must never import TensorFlow. A bad hyperparameter that
+# only the optimizer's own code can see (one its YAML does not list) is checked in-process below
+# (test_the_registry_refuses_bad_hyperparameters_in_one_line).
+BEFORE_TENSORFLOW = {
+    # names of choices and the shape of the command line
     "unknown_task": (["task=mnist"], "unknown task 'mnist'; valid task names: noisy_quadratic_bowl"),
     "unknown_optimizer": (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adam,"),
     "unknown_experiment": (["experiment=table9"], "unknown experiment 'table9'; valid experiment names:"),
     "unknown_distribute": (["distribute=foo"], "unknown distribute 'foo'; valid distribute names:"),
     "unknown_scale": (["scale=huge"], "unknown scale 'huge'; valid scale names:"),
     "unknown_launcher": (["hydra/launcher=nope"], "valid hydra/launcher options: basic, joblib"),
+    "unknown_key_without_plus": (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
+    "unknown_top_level_key": (["+foo.bar=1"], "unknown setting 'foo'; the settings are"),
+    "unknown_checkpoint_key": (["+checkpoint.every=5"], "unknown setting 'checkpoint.every'; checkpoint has"),
+    "malformed_override": (["steps=["], "malformed override 'steps=['"),
+    "empty_run_dir": (["hydra.run.dir="], "hydra.run.dir is empty; give a folder"),
+    # run settings: non-finite, huge, wrong type, out of range
     "steps_zero": (["steps=0"], "steps must be a positive integer, got 0 (e.g. steps=1000)"),
     "steps_negative": (["steps=-5"], "steps must be a positive integer, got -5"),
-    "learning_rate_not_a_number": (["optimizer=adam", "optimizer.learning_rate=abc"],
-                                   "optimizer.learning_rate must be a number, got 'abc'"),
+    "steps_huge": (["steps=99999999999999999999"], "steps must be a positive integer, at most 2**62"),
+    "steps_float": (["steps=1e3"], "steps must be a positive integer, got 1000.0"),
+    "steps_text": (["steps=abc"], "steps must be a positive integer, got 'abc'"),
+    "steps_memory": (["steps=100000000000"], "this run needs at least"),
     "num_seeds_zero": (["num_seeds=0"], "num_seeds must be a positive integer, got 0 (e.g. num_seeds=8)"),
-    "unknown_key_without_plus": (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
-    "time_budget_negative": (["time_budget_s=-5"], "time_budget_s must be a positive number of seconds or null"),
-    "checkpoint_every_negative": (["checkpoint.every_s=-1"], "checkpoint.every_s must be a non-negative number"),
-    "malformed_override": (["steps=["], "malformed override 'steps=['"),
+    "num_seeds_fraction": (["num_seeds=1.5"], "num_seeds must be a positive integer, got 1.5"),
+    "seed_negative": (["seed=-1"], "seed must be a non-negative integer <= 2147483647, got -1"),
+    "seed_huge": (["seed=99999999999999999999"], "seed must be a non-negative integer <= 2147483647"),
+    "seed_range_overflows": (["seed=2147483647", "num_seeds=2"], "seed + num_seeds - 1 must be at most 2147483647"),
+    "time_budget_negative": (["time_budget_s=-5"], "time_budget_s must be a positive number"),
+    "time_budget_inf": (["time_budget_s=inf"], "time_budget_s must be a positive number <= 10000000 or null"),
+    "time_budget_nan": (["time_budget_s=nan"], "time_budget_s must be a positive number <= 10000000 or null"),
+    "log_every_huge": (["log_every=99999999999999999999"], "log_every must be a non-negative integer"),
+    "hessian_every_negative": (["hessian_every=-1"], "hessian_every must be a non-negative integer"),
+    "chunk_size_zero": (["chunk_size=0"], "chunk_size must be a positive integer"),
+    "checkpoint_every_negative": (["checkpoint.every_s=-1"], "checkpoint.every_s must be a number in [0, 10000000]"),
+    "checkpoint_every_nan": (["checkpoint.every_s=nan"], "checkpoint.every_s must be a number in [0, 10000000]"),
+    "checkpoint_keep_zero": (["checkpoint.keep=0"], "checkpoint.keep must be a positive integer"),
+    "checkpoint_resume_text": (["checkpoint.resume=maybe"], "checkpoint.resume must be true or false, got 'maybe'"),
+    "progress_number": (["progress=2"], "progress must be true or false, got 2"),
+    "frozen_factor_one": (["frozen.divergence_factor=1"], "frozen.divergence_factor must be a finite number > 1"),
+    "test_size_zero": (["test_size=0"], "test_size must be a positive integer or null"),
+    # task options
+    "noise_variance_inf": (["task.noise_variance=inf"], "task.noise_variance must be a non-negative number, got inf"),
+    "noise_variance_text": (["task.noise_variance=abc"], "task.noise_variance must be a non-negative number, got 'abc'"),
+    "dim_boolean": (["task.dim=true"], "task.dim must be a positive integer <= 1000000, got true"),
+    "dim_memory": (["task.dim=1000000", "num_seeds=1"], "this run needs at least"),
+    "eig_max_below_eig_min": (["task.eig_max=0.0001"], "task.eig_max must be a finite number >= 0.001 (eig_min)"),
+    "rosenbrock_start_short": (["task=rosenbrock", "task.start=[1.0]"], "task.start must be a list of 2 finite numbers"),
+    "rosenbrock_window_reversed": (["task=rosenbrock", "task.window=[200,180]"],
+                                   "task.window must be a list of 2 integers >= 0, increasing, got [200, 180]"),
+    "image_source_unknown": (["task=pixelcnn_mnist", "task.data.source=web"],
+                             "task.data.source must be one of tfds, files, synthetic, got 'web'"),
+    "image_batch_zero": (["task=resnet18_cifar10", "task.batch_size=0"], "task.batch_size must be a positive integer"),
+    # optimizer hyperparameters
+    "learning_rate_not_a_number": (["optimizer=adam", "optimizer.learning_rate=abc"],
+                                   "optimizer.learning_rate must be a positive number, got 'abc'"),
+    "adam_learning_rate_nan": (["optimizer=adam", "optimizer.learning_rate=nan"],
+                               "optimizer.learning_rate must be a positive number, got nan"),
+    "adam_beta_1_negative": (["optimizer=adam", "optimizer.beta_1=-0.1"], "optimizer.beta_1 must be a number in [0, 1)"),
+    "momentum_one": (["optimizer=momentum", "optimizer.momentum=1.0"], "optimizer.momentum must be a number in [0, 1)"),
+    "rmsprop_rho_negative": (["optimizer=rmsprop", "optimizer.rho=-0.5"], "optimizer.rho must be a number in [0, 1)"),
+    "lbfgs_memory_fraction": (["optimizer=lbfgs", "optimizer.memory=2.5"], "optimizer.memory must be a positive integer"),
+    "lodo_block_size_memory": (["optimizer.block_size=100000"], "this run needs at least"),
+    "lodo_meta_optimizer_unknown": (["optimizer.meta_optimizer=rmsprop"],
+                                    "optimizer.meta_optimizer must be one of adam, sgd, got 'rmsprop'"),
+    "lodo_initial_lr_inf": (["optimizer.initial_lr=inf"], "optimizer.initial_lr must be a positive number, got inf"),
+    "added_hyperparameter_nan": (["optimizer=adam", "+optimizer.weight_decay=nan"],
+                                 "optimizer.weight_decay must be finite, got nan"),
+    "per_seed_list_wrong_length": (["optimizer=adam", "num_seeds=2", "optimizer.learning_rate=[0.1,0.2,0.3]"],
+                                   "optimizer.learning_rate holds 3 per-seed values for num_seeds=2"),
     "unwritable_output_folder": ([], "cannot create the run folder"),
+}
+# These need TensorFlow (a checkpoint or a dataset is opened): one process each.
+WITH_TENSORFLOW = {
     "corrupted_checkpoint": (TINY, "has unreadable metadata"),
     "image_dataset_missing": (["task=pixelcnn_mnist", "task.data.source=files", "task.data.path=/nonexistent",
                                "scale=smoke"], "/nonexistent"),
     "image_no_cpu_devices": (["task=pixelcnn_mnist", "scale=smoke", "distribute=mirrored",
                               "distribute.num_cpu_devices=0"], "num_cpu_devices"),
 }
+CASES = {**BEFORE_TENSORFLOW, **WITH_TENSORFLOW}
 
 
 def cli(*args, cwd=ROOT):
@@ -97,25 +152,46 @@ def corrupted_run(tmp: Path) -> Path:
     return run
 
 
+def batch(cases: list[list[str]], cwd: Path) -> dict:
+    """tests/cli_batch.py: many command lines in one process."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py")], input=json.dumps(cases), cwd=cwd,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_input")
     folders = {name: tmp / name for name in CASES}
     folders["unwritable_output_folder"] = unwritable_folder(tmp)
     folders["corrupted_checkpoint"] = corrupted_run(tmp)
-    names = list(CASES)
     workdir = tmp / "workdir"  # the runs' working directory: relative paths (outputs/, results/) land here
     workdir.mkdir()
     before = snapshot(ROOT / "results")
 
-    def run(name):
+    def arguments(name):
         args, _ = CASES[name]
-        return name, cli(*args, f"hydra.run.dir={folders[name]}", cwd=workdir)
+        return args if name == "empty_run_dir" else [*args, f"hydra.run.dir={folders[name]}"]
+
+    def run(name):
+        return name, cli(*arguments(name), cwd=workdir)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(pool.map(run, names))
+        early = pool.submit(batch, [arguments(name) for name in BEFORE_TENSORFLOW], workdir)
+        done = dict(pool.map(run, WITH_TENSORFLOW))
+        together = early.result()
+    for name, record in zip(BEFORE_TENSORFLOW, together["results"]):
+        done[name] = subprocess.CompletedProcess([], record["code"], record["stdout"], record["stderr"])
     (tmp / "read_only").chmod(0o755)
-    return {"results": done, "folders": folders, "results_dir_before": before, "workdir": workdir}
+    return {"results": done, "folders": folders, "results_dir_before": before, "workdir": workdir,
+            "tensorflow_imported": together["tensorflow_imported"]}
+
+
+@pytest.mark.slow  # the command line in subprocesses
+def test_there_are_at_least_40_command_lines_refused_before_tensorflow_starts(results):
+    assert len(BEFORE_TENSORFLOW) >= 40
+    assert results["tensorflow_imported"] is False
 
 
 @pytest.mark.slow  # the command line in subprocesses
