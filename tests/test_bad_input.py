@@ -101,14 +101,16 @@ BEFORE_TENSORFLOW = {
     "per_seed_list_wrong_length": (["optimizer=adam", "num_seeds=2", "optimizer.learning_rate=[0.1,0.2,0.3]"],
                                    "optimizer.learning_rate holds 3 per-seed values for num_seeds=2"),
     "unwritable_output_folder": ([], "cannot create the run folder"),
+    "image_no_cpu_devices": (["task=pixelcnn_mnist", "scale=smoke", "distribute=mirrored",
+                              "distribute.num_cpu_devices=0"], "distribute.num_cpu_devices must be a positive integer"),
+    "cluster_resolver_unknown": (["task=pixelcnn_mnist", "distribute=multi_worker", "distribute.cluster_resolver=k8s"],
+                                 "distribute.cluster_resolver must be one of tf_config, slurm, got 'k8s'"),
 }
 # These need TensorFlow (a checkpoint or a dataset is opened): one process each.
 WITH_TENSORFLOW = {
     "corrupted_checkpoint": (TINY, "has unreadable metadata"),
     "image_dataset_missing": (["task=pixelcnn_mnist", "task.data.source=files", "task.data.path=/nonexistent",
                                "scale=smoke"], "/nonexistent"),
-    "image_no_cpu_devices": (["task=pixelcnn_mnist", "scale=smoke", "distribute=mirrored",
-                              "distribute.num_cpu_devices=0"], "num_cpu_devices"),
 }
 CASES = {**BEFORE_TENSORFLOW, **WITH_TENSORFLOW}
 

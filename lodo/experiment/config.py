@@ -104,6 +104,8 @@ RUN_LIMITS = {
     "frozen.problem_offset": ("integer >= 0", "frozen.problem_offset=1"),
     "frozen.divergence_factor": ("number > 1", "frozen.divergence_factor=1e6"),
     "frozen.control": ("true/false", "frozen.control=true"),
+    "distribute.num_cpu_devices": ("integer in [1, 1024] or null", "distribute.num_cpu_devices=2"),
+    "distribute.cluster_resolver": ("one of tf_config, slurm", "distribute.cluster_resolver=slurm"),
 }
 # What "(0: …)" means where zero is special, said after the limit.
 RUN_NOTES = {"checkpoint.every_s": "seconds; 0: after every chunk", "frozen.steps": "0: no frozen test",
