@@ -110,17 +110,20 @@ def test_a_damaged_checkpoint_is_a_one_line_error_that_says_how_to_start_fresh(t
 
 # -- Preemption ------------------------------------------------------------------------------------
 
-def test_signals_set_a_flag_and_the_old_handlers_come_back():
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
+def test_signals_set_a_flag_and_the_old_handlers_come_back(capfd):
+    handled = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
+    before = [signal.getsignal(s) for s in handled]
     with Preemption() as preemption:
         assert preemption.active and not preemption.requested
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.05)
         assert preemption.requested and preemption.signal_name == "SIGUSR2"
         os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the handler
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt
         time.sleep(0.05)
-        assert preemption.signal_name == "SIGTERM"
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == before
+        assert preemption.signal_name == "SIGUSR2" and preemption.status == 144  # the first signal decides
+    assert "SIGTERM received again: finishing the checkpoint first" in capfd.readouterr().err
+    assert [signal.getsignal(s) for s in handled] == before
 
 
 def test_exit_for_requeue_hands_submitits_signal_to_submitits_handler():

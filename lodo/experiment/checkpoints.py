@@ -9,6 +9,11 @@ all; a kill mid-save leaves the previous checkpoint usable, and the temporary
 folder is swept away by the next save. Old checkpoints are removed the same
 way (renamed aside first, then deleted), keeping the newest ``keep``.
 
+A checkpoint damaged after it was written (a truncated or garbled file) is
+skipped on restore in favour of the newest intact one, and kept aside as
+``ckpt-<N>.damaged``; a full disk during a save leaves the previous
+checkpoints as they were and is raised as an ``OSError`` naming the checkpoint.
+
 Usage (a training loop)::
 
     ckpt = RunCheckpoint(run_dir / "checkpoints", keep=2, every_s=600, model=model, optimizer=opt)
@@ -33,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lodo.experiment.outputs import disk_full, disk_full_error
+
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 _FRESH_HINT = "delete {dir} or rerun with checkpoint.resume=false to start fresh"
@@ -40,6 +47,10 @@ _FRESH_HINT = "delete {dir} or rerun with checkpoint.resume=false to start fresh
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, in one line, with how to start fresh."""
+
+
+class _Damaged(Exception):
+    """One checkpoint cannot be read (the reason, in words that follow its path)."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -84,6 +95,8 @@ class RunCheckpoint:
         self.every_s = float(every_s)
         self._checkpoint = tf.train.Checkpoint(**trackables)
         self._last_save = time.monotonic()
+        self.restored_from: Path | None = None  # the checkpoint the last restore() loaded
+        self.skipped: list[tuple[str, str, str]] = []  # what it skipped: (name, why, renamed to)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -104,32 +117,77 @@ class RunCheckpoint:
     def peek(self) -> dict | None:
         """The newest checkpoint's JSON metadata without touching the trackables (None: no checkpoint)."""
         path = self.latest()
-        return None if path is None else self._read_metadata(path)
+        if path is None:
+            return None
+        try:
+            return self._read_metadata(path)
+        except _Damaged as err:
+            raise self._error(f"checkpoint {path} {err}") from None
 
     def _read_metadata(self, path: Path) -> dict:
         try:
             metadata = json.loads((path / "metadata.json").read_text())
         except (OSError, ValueError) as err:
-            raise self._error(f"checkpoint {path} has unreadable metadata ({_one_line(err)})") from None
+            raise _Damaged(f"has unreadable metadata ({_one_line(err)})") from None
         if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
-            raise self._error(f"checkpoint {path} has malformed metadata (no integer 'step')")
+            raise _Damaged("has malformed metadata (no integer 'step')")
         return metadata
 
-    def restore(self) -> dict | None:
-        """Load the newest checkpoint into the trackables; its metadata (with ``step``), or None if there is none."""
+    def restore(self, check=None, convert=None):
+        """Load the newest intact checkpoint into the trackables; its metadata (with ``step``), or None if there
+        is none.
+
+        Checkpoints are tried newest first: one whose metadata, arrays or TensorFlow state cannot be read (or
+        do not fit the trackables) is skipped, so the older checkpoint that ``keep`` holds is not lost to a
+        damaged newest one. Once one restores, the skipped ones are renamed ``ckpt-N.damaged`` (kept, for a
+        look) and listed in ``skipped``. Only when every checkpoint is damaged is it an error.
+
+        ``check(path, metadata)`` sees each candidate's JSON metadata first and may refuse it by raising
+        (e.g. a checkpoint of other settings): that error is not damage and propagates. ``convert(metadata)``
+        turns the metadata with its arrays into what the caller needs (returned instead of the metadata); an
+        error there is damage too.
+        """
+        self.skipped = []
+        self.restored_from = None
+        candidates = self.complete()
+        if not candidates:
+            return None
+        damaged = []
+        for path in reversed(candidates):
+            try:
+                result = self._restore_one(path, check, convert)
+            except _Damaged as err:
+                damaged.append((path, str(err)))
+                continue
+            self.skipped = [(path.name, reason, self._set_aside(path)) for path, reason in damaged]
+            self.restored_from = path
+            self._last_save = time.monotonic()
+            return result
+        if len(damaged) == 1:
+            path, reason = damaged[0]
+            raise self._error(f"checkpoint {path} {reason}")
+        raise self._error(f"every checkpoint in {self.directory} is damaged ("
+                          + "; ".join(f"{path.name} {reason}" for path, reason in damaged) + ")")
+
+    def _restore_one(self, path: Path, check, convert):
         import tensorflow as tf
 
-        path = self.latest()
-        if path is None:
-            return None
         metadata = self._read_metadata(path)
+        if check is not None:
+            check(path, metadata)
         names = metadata.pop("_arrays", [])
         if names:
             try:
                 with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
                     metadata.update({name: arrays[name] for name in names})
-            except (OSError, ValueError, KeyError) as err:
-                raise self._error(f"checkpoint {path} has unreadable arrays ({_one_line(err)})") from None
+            except Exception as err:  # a truncated or garbled file fails in zipfile, numpy or the key lookup
+                raise _Damaged(f"has unreadable arrays ({type(err).__name__}: {_one_line(err)})") from None
+        result = metadata
+        if convert is not None:
+            try:
+                result = convert(metadata)
+            except Exception as err:
+                raise _Damaged(f"has arrays that do not form a run ({type(err).__name__}: {_one_line(err)})") from None
 
         # A failed restore leaves TF's "unrestored values" warnings for when the half-read state is
         # garbage-collected; collect it now, with TF's logger quiet, so the error stays one line.
@@ -141,9 +199,9 @@ class RunCheckpoint:
         try:
             status = self._checkpoint.read(str(path / "state"))
             status.assert_consumed()
-        except (tf.errors.OpError, AssertionError, ValueError, TypeError) as err:
+        except Exception as err:  # OpError for damaged files; AssertionError, ValueError, … for other contents
             kind = "is corrupt" if isinstance(err, tf.errors.OpError) else "does not match this run"
-            problem = f"checkpoint {path} {kind} ({_one_line(err)})"
+            problem = f"{kind} ({_one_line(err)})"
             if status is not None:
                 status.expect_partial()
         finally:
@@ -152,9 +210,21 @@ class RunCheckpoint:
                 gc.collect()
             logger.setLevel(level)
         if problem is not None:
-            raise self._error(problem)
-        self._last_save = time.monotonic()
-        return metadata
+            raise _Damaged(problem)
+        return result
+
+    def _set_aside(self, path: Path) -> str:
+        """Rename a damaged checkpoint out of the way (never delete it); its new name ("" if it cannot move)."""
+        for i in range(1, 100):
+            target = path.with_name(path.name + (".damaged" if i == 1 else f".damaged-{i}"))
+            if target.exists():
+                continue
+            try:
+                os.rename(path, target)
+            except OSError:
+                return ""
+            return target.name
+        return ""
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -171,13 +241,28 @@ class RunCheckpoint:
         final = self.directory / f"ckpt-{number:08d}"
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-
-        arrays = {k: v for k, v in metadata.items() if isinstance(v, np.ndarray)}
-        host = {k: v for k, v in metadata.items() if not isinstance(v, np.ndarray)}
         reserved = {"step", "_arrays", "saved_at", "format"} & set(metadata)
         if reserved:
             raise ValueError(f"checkpoint metadata may not use the reserved keys {sorted(reserved)}")
+        try:
+            tmp.mkdir()
+            self._write(tmp, step, metadata)
+            os.rename(tmp, final)  # the moment the checkpoint exists, complete
+            _fsync(self.directory)
+        except BaseException as err:
+            # Whatever stopped the save (a full disk, the third Ctrl-C) leaves the previous checkpoints as they
+            # were, and frees the space the partial one took.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and disk_full(err):
+                raise disk_full_error(err, final) from None
+            raise
+        self._last_save = time.monotonic()
+        self.prune(self.keep)
+        return final
+
+    def _write(self, tmp: Path, step: int, metadata: dict) -> None:
+        arrays = {k: v for k, v in metadata.items() if isinstance(v, np.ndarray)}
+        host = {k: v for k, v in metadata.items() if not isinstance(v, np.ndarray)}
         self._checkpoint.write(str(tmp / "state"))
         if arrays:
             with open(tmp / "arrays.npz", "wb") as f:
@@ -189,11 +274,6 @@ class RunCheckpoint:
         for item in tmp.iterdir():
             _fsync(item)
         _fsync(tmp)
-        os.rename(tmp, final)  # the moment the checkpoint exists, complete
-        _fsync(self.directory)
-        self._last_save = time.monotonic()
-        self.prune(self.keep)
-        return final
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest ``keep`` complete checkpoints."""

@@ -1,11 +1,13 @@
 """The command line: ``python -m lodo.run task=… optimizer=… steps=… seed=… num_seeds=…``.
 
 What a run writes is described in ``lodo.experiment.job``. Never lose work: a
-run started again in the same folder resumes from its newest checkpoint
+run started again in the same folder resumes from its newest intact checkpoint
 (``checkpoint.resume=false`` starts afresh), a finished one is skipped
-(``already finished: <dir>``), and SIGTERM or submitit's SIGUSR2 make the run
-checkpoint and exit for requeueing (``lodo.experiment.preemption``). Bad input
-stops the run with one line, ``error: …``, and exit status 2.
+(``already finished: <dir>``), a folder that is not the runner's or that
+another run holds is refused untouched (``lodo.experiment.run_folder``), and
+SIGTERM, SIGINT, SIGHUP or submitit's SIGUSR2 make the run checkpoint, say so
+and exit with the status it names (``lodo.experiment.preemption``). Bad input,
+and a full disk, stop the run with one line, ``error: …``, and exit status 2.
 
 TensorFlow is imported only once the settings have been checked (``main``), so a
 bad command line is refused in about a second.
@@ -13,8 +15,10 @@ bad command line is refused in about a second.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -27,9 +31,10 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from lodo.experiment import config, gpus, registry, run_folder  # noqa: E402
+from lodo.experiment import config, gpus, outputs, registry, run_folder  # noqa: E402
 from lodo.experiment.checkpoints import CheckpointError  # noqa: E402
 from lodo.experiment.config import ConfigError  # noqa: E402
+from lodo.experiment.preemption import FORCE_AFTER, Interrupted, Preemption  # noqa: E402
 
 
 @hydra.main(config_path=str(registry.CONFIG_DIR), config_name="config", version_base="1.3")
@@ -37,43 +42,79 @@ def main(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     # Hydra's logging setup passes INFO records on; TensorFlow's checkpoint writer logs one per save through absl.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        config.validate(cfg)
-        if cfg.get("gpu_per_job"):
-            gpus.claim_gpu()
-        if not (cfg.get("checkpoint") or {}).get("resume", True):
-            run_folder.start_fresh(out_dir)
-        else:
-            finished = run_folder.finished_summary(cfg, out_dir)
-            if finished is not None:
-                print(f"already finished: {out_dir}", flush=True)
-                return finished
-        # The one deferred import: TensorFlow and everything that trains.
-        from lodo.experiment import distribute, job, provenance
-        from tasks.image_base import DataError
+    return execute(cfg, out_dir)
 
+
+def execute(cfg: DictConfig, out_dir: Path) -> dict:
+    """One job in ``out_dir`` (what ``main`` runs once Hydra has composed the config and made the folder).
+
+    Signals are deferred for the whole job (``lodo.experiment.preemption``); every way it can fail ends
+    in one ``error:`` line and exit status 2, every signal in one line that names the exit status.
+    """
+    with Preemption(process=True) as preemption:
         try:
-            if registry.is_image_task(cfg.task.name):
-                try:  # logical devices must exist before anything (provenance, determinism) starts TensorFlow
-                    distribute.configure_devices(cfg.distribute)
-                except distribute.DistributeError as err:
-                    raise ConfigError(str(err)) from None
-            job.set_determinism(cfg)
-            provenance.write(out_dir, cfg)
-            result = job.run(cfg, out_dir)
-        except DataError as err:
-            raise ConfigError(str(err)) from None
-        provenance.write(out_dir, cfg, end_time=provenance.utc_now())
-        return result
-    except (ConfigError, CheckpointError) as err:
-        run_folder.discard_if_empty(out_dir)
-        fail(str(err))
-    except OSError as err:
-        if err.filename is None:
-            raise
-        inside = Path(str(err.filename)).resolve().is_relative_to(out_dir.resolve())
-        fail(f"cannot access {err.filename}: {err.strerror}"
-             + ("; choose a writable folder with hydra.run.dir=… (hydra.sweep.dir=… with -m)" if inside else ""))
+            return _execute(cfg, out_dir, preemption)
+        except (ConfigError, CheckpointError) as err:
+            if not isinstance(err, run_folder.FolderError):  # a folder refused is left exactly as it was
+                run_folder.discard_if_empty(out_dir)
+            fail(str(err))
+        except Interrupted as err:
+            sys.stdout.flush()
+            print(f"stopped at once by the {FORCE_AFTER}rd Ctrl-C, without a last checkpoint (the newest one on disk "
+                  f"is kept); exiting with status {err.preemption.status}; rerun the same command to resume",
+                  flush=True)
+            raise SystemExit(err.preemption.status) from None
+        except Exception as err:  # noqa: BLE001 - a full disk, whoever raised it; anything else goes on
+            if outputs.disk_full(err):
+                where = err.filename if isinstance(err, OSError) and err.filename else f"into {out_dir}"
+                reason = "disk quota exceeded" if getattr(err, "errno", None) == errno.EDQUOT else \
+                    "no space left on device"
+                fail(f"{reason} while writing {where}; free space and rerun the same command to resume")
+            if not isinstance(err, OSError) or err.filename is None:
+                raise
+            inside = Path(str(err.filename)).resolve().is_relative_to(out_dir.resolve())
+            fail(f"cannot access {err.filename}: {err.strerror}"
+                 + ("; choose a writable folder with hydra.run.dir=… (hydra.sweep.dir=… with -m)" if inside else ""))
+
+
+def _execute(cfg: DictConfig, out_dir: Path, preemption: Preemption) -> dict:
+    config.validate(cfg)
+    if cfg.get("gpu_per_job"):
+        gpus.claim_gpu()
+    with run_folder.claim(out_dir):
+        result = _run_in_claimed_folder(cfg, out_dir)
+    if preemption.requested:  # the signal came after the last step: the run finished, the sweep stops here
+        print(f"stopped by {preemption.signal_name} after the run finished (complete in {out_dir}); "
+              f"{preemption.how_it_exits()}", flush=True)
+        preemption.exit_for_requeue()
+    return result
+
+
+def _run_in_claimed_folder(cfg: DictConfig, out_dir: Path) -> dict:
+    if not (cfg.get("checkpoint") or {}).get("resume", True):
+        run_folder.start_fresh(out_dir)
+    else:
+        finished = run_folder.finished_summary(cfg, out_dir)
+        if finished is not None:
+            print(f"already finished: {out_dir}", flush=True)
+            return finished
+    # The one deferred import: TensorFlow and everything that trains.
+    from lodo.experiment import distribute, job, provenance
+    from tasks.image_base import DataError
+
+    try:
+        if registry.is_image_task(cfg.task.name):
+            try:  # logical devices must exist before anything (provenance, determinism) starts TensorFlow
+                distribute.configure_devices(cfg.distribute)
+            except distribute.DistributeError as err:
+                raise ConfigError(str(err)) from None
+        job.set_determinism(cfg)
+        provenance.write(out_dir, cfg)
+        result = job.run(cfg, out_dir)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    provenance.write(out_dir, cfg, end_time=provenance.utc_now())
+    return result
 
 
 def fail(message: str):
@@ -128,6 +169,11 @@ def cli() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C before a job's signal handling began (Hydra's start-up) or between jobs
+        sys.stdout.flush()
+        print(f"stopped by SIGINT outside a run's training: nothing to save; exiting with status "
+              f"{Preemption.STATUS[signal.SIGINT]}", file=sys.stderr, flush=True)
+        raise SystemExit(Preemption.STATUS[signal.SIGINT]) from None
     except Exception as err:
         message = None if user_wants_tracebacks else hydra_error(err)
         if message is None:

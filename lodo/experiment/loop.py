@@ -3,7 +3,7 @@
 One function, ``train``, for every task and optimizer. Given a chunk runner (the
 multi-seed engine or one seed's Keras model), it owns what happens between chunks:
 
-- resuming from the newest checkpoint, after checking that the checkpoint's
+- resuming from the newest intact checkpoint, after checking that the checkpoint's
   "same settings" record (the resolved config, saved in every checkpoint) matches
   this run: a changed config is refused, never silently relabelled;
 - the progress bar and TensorBoard (``train/loss``, and every evaluation the runner
@@ -12,7 +12,8 @@ multi-seed engine or one seed's Keras model), it owns what happens between chunk
   training (or when every seed has diverged), the runner's milestone metrics
   (e.g. the test set) are recorded and a checkpoint is written;
 - checkpoint cadence (every ``checkpoint.every_s`` seconds) and preemption
-  (SIGTERM, submitit's signal): checkpoint, then exit for requeueing.
+  (SIGTERM, SIGINT, SIGHUP, submitit's signal): checkpoint, say so, then exit
+  (``lodo.experiment.preemption``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from lodo.experiment import chunks
+from lodo.experiment import chunks, outputs
 from lodo.experiment.checkpoints import CheckpointError, RunCheckpoint
 from lodo.experiment.chunks import Trace
 from lodo.experiment.config import FRESH_HINT, check_same_run
@@ -45,17 +46,26 @@ def loggable_mean(losses) -> float:
 
 
 def restore(checkpoint: RunCheckpoint, seeds, config: dict, what_dir: Path, label: str) -> Trace | None:
-    """The trace of the newest checkpoint, its state loaded into the runner; None if there is none."""
-    stored = checkpoint.peek()
-    if stored is None:
+    """The trace of the newest intact checkpoint, its state loaded into the runner; None if there is none.
+
+    The same-settings check is made on the checkpoint that is restored (a damaged newer one is skipped).
+    """
+    def check(path: Path, stored: dict) -> None:
+        if "trace_losses" not in stored.get("_arrays", []):
+            raise CheckpointError(f"checkpoint {path} was written by an older version of this runner and cannot "
+                                  f"be resumed; {FRESH_HINT.format(dir=what_dir)}")
+        check_same_run(stored.get("config", {}), config, what_dir, "a checkpoint")
+
+    trace = checkpoint.restore(check=check, convert=lambda restored: Trace.from_arrays(seeds, restored))
+    if trace is None:
         return None
-    if "trace_losses" not in stored.get("_arrays", []):
-        raise CheckpointError(f"checkpoint {checkpoint.latest()} was written by an older version of this "
-                              f"runner and cannot be resumed; {FRESH_HINT.format(dir=what_dir)}")
-    check_same_run(stored.get("config", {}), config, what_dir, "a checkpoint")
-    restored = checkpoint.restore()
-    print(f"{label}resumed from step {restored['step']}", flush=True)
-    return Trace.from_arrays(seeds, restored)
+    note = ""
+    if checkpoint.skipped:
+        skipped = "; ".join(f"{name} {why}, kept as {kept}" if kept else f"{name} {why}"
+                            for name, why, kept in checkpoint.skipped)
+        note = f" (checkpoint {checkpoint.restored_from.name}, the newest intact one; skipped {skipped})"
+    print(f"{label}resumed from step {trace.steps_done}{note}", flush=True)
+    return trace
 
 
 def train(runner, *, steps: int, time_budget_s: float | None, config: dict, checkpoint_dir: Path,
@@ -71,8 +81,38 @@ def train(runner, *, steps: int, time_budget_s: float | None, config: dict, chec
     run_dir = run_dir or checkpoint_dir.parent
     checkpoint = RunCheckpoint(checkpoint_dir, keep=checkpointing["keep"], every_s=checkpointing["every_s"],
                                **runner.trackables())
+    # Signals only set a flag from here on (the command line's block, or one of our own): a checkpoint, a
+    # table or an events file is never left half-written by one.
+    with Preemption() as preemption:
+        try:
+            return _train(runner, checkpoint, preemption, steps=steps, time_budget_s=time_budget_s, config=config,
+                          checkpointing=checkpointing, tb_dir=tb_dir, desc=desc, progress=progress,
+                          log_every=log_every, run_dir=run_dir, label=label, on_start=on_start)
+        except tf.errors.OpError as err:  # the TensorBoard writer's: its own files are the only ones it writes
+            if outputs.disk_full(err):
+                raise outputs.disk_full_error(err, tb_dir) from None
+            raise
+
+
+def _train(runner, checkpoint: RunCheckpoint, preemption: Preemption, *, steps, time_budget_s, config, checkpointing,
+           tb_dir, desc, progress, log_every, run_dir, label, on_start) -> Trace:
     trace = restore(checkpoint, runner.seeds, config, run_dir, label) if checkpointing["resume"] else None
     saved_step = trace.steps_done if trace is not None else None
+
+    def stop(current: Trace | None, before_training: bool = False) -> None:
+        """Say why the run stops and where its work is, then exit with the status said."""
+        if current is None:
+            where = "before its first step: nothing to save"
+        elif before_training:
+            where = f"at step {current.steps_done}, before training on: its checkpoint is in {checkpoint.directory}"
+        else:
+            where = f"at step {current.steps_done}: checkpoint saved in {checkpoint.directory}"
+        rerun = "" if preemption.hands_over else "; rerun the same command to resume"
+        print(f"{label}stopped by {preemption.signal_name} {where}; {preemption.how_it_exits()}{rerun}", flush=True)
+        preemption.exit_for_requeue()
+
+    if preemption.requested:  # a signal while the process started (TensorFlow, the task's data, the checkpoint)
+        stop(trace, before_training=True)
     if on_start is not None:
         on_start()
 
@@ -119,23 +159,17 @@ def train(runner, *, steps: int, time_budget_s: float | None, config: dict, chec
                         tf.summary.scalar(f"test/{key[5:]}", value)
         return bool(reached)
 
-    with Preemption() as preemption:
-        def after_chunk(current: Trace) -> bool:
-            log(current)
-            if milestones(current) or checkpoint.due() or preemption.requested:
-                save(current)
-            return preemption.requested
+    def after_chunk(current: Trace) -> bool:
+        log(current)
+        if milestones(current) or checkpoint.due() or preemption.requested:
+            save(current)
+        return preemption.requested
 
-        trace = chunks.train(runner, steps, time_budget_s, trace=trace, after_chunk=after_chunk)
-        save(trace)
-        if preemption.requested and not chunks.finished(trace, steps, time_budget_s):
-            bar.close()
-            writer.flush()
-            print(f"{label}stopped by {preemption.signal_name} at step {trace.steps_done}: checkpoint saved in "
-                  f"{checkpoint.directory}; exiting with status {Preemption.EXIT_CODE} for requeueing; rerun the "
-                  f"same command to resume", flush=True)
-            preemption.exit_for_requeue()
+    trace = chunks.train(runner, steps, time_budget_s, trace=trace, after_chunk=after_chunk)
+    save(trace)
     bar.close()
     writer.flush()
+    if preemption.requested and not chunks.finished(trace, steps, time_budget_s):
+        stop(trace)
     checkpoint.prune(1)  # a finished run keeps only its final checkpoint
     return trace
