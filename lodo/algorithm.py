@@ -13,6 +13,13 @@ One call of ``update`` with the gradient g_{t+1} = ∇L_{t+1}(θ_{t+1}) does:
   5.   m_{t+1} = β m_t + (1 − β) g_{t+1}
   1.   returns the step G(φ_{t+1}) m_{t+1}, to be subtracted from θ_{t+1}.
 On the first call m_0 = 0, so h_0 = 0 and the step is α0(1 − β)g_1.
+
+A step may leave coordinates out (``mask``): those of a variable with no gradient this step, a
+layer frozen after compiling, or one Keras overwrites with its gradient. G mixes coordinates, so
+zeroing their gradient is not enough: the step runs on the kept coordinates alone, with G
+restricted to them (D G D, D = diag(mask)). A left-out coordinate's m is neither read nor
+advanced, and its step is exactly 0, as Keras's per-variable optimizers leave an absent
+variable and its slots alone.
 """
 
 from __future__ import annotations
@@ -72,8 +79,11 @@ def init(
     )
 
 
-def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimizer):
+def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimizer, mask=None):
     """One LODO step: returns ``(step, new_state)``; the caller does θ ← θ − step.
+
+    ``mask``: booleans ``[n]`` or ``[S, n]``, the coordinates in this step (see the module
+    docstring); None keeps all of them and computes exactly what the unmasked step always did.
 
     ``alpha`` and ``beta`` are numbers (or scalar tensors), or one value per
     seed (a list or an ``[S]`` tensor); the meta-optimizer's learning rate may
@@ -84,17 +94,31 @@ def update(state: LODOState, grad, *, alpha, beta, preconditioner, meta_optimize
     grad = tf.convert_to_tensor(grad, dtype=state.momentum.dtype)
     alpha = meta_optimizers.scalar(alpha, grad.dtype)
     beta = meta_optimizers.scalar(beta, grad.dtype)
+    keep = (lambda x: x) if mask is None else _restrict(mask, grad)
+    grad, old = keep(grad), keep(state.momentum)
     if alpha.shape.rank == 1 and not getattr(preconditioner, "per_seed_alpha", False):
         one = tf.ones([], grad.dtype)
-        hyper = preconditioner.hypergradient(state.weights, state.constants, one, state.momentum, grad)
+        hyper = preconditioner.hypergradient(state.weights, state.constants, one, old, grad)
         hyper = tuple(h * meta_optimizers.seedwise(alpha, h.shape.rank) for h in hyper)
     else:
-        hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, state.momentum, grad)
+        hyper = preconditioner.hypergradient(state.weights, state.constants, alpha, old, grad)
     weights, meta = meta_optimizer.update(state.weights, hyper, state.meta)
     beta = meta_optimizers.seedwise(beta, 2)
     momentum = beta * state.momentum + (1 - beta) * grad
-    step = precondition(preconditioner, weights, state.constants, alpha, momentum)
+    if mask is not None:
+        momentum = keep(momentum, state.momentum)  # a left-out coordinate keeps its m
+    step = keep(precondition(preconditioner, weights, state.constants, alpha, keep(momentum)))
     return step, LODOState(weights, state.constants, momentum, meta)
+
+
+def _restrict(mask, like: tf.Tensor):
+    """``keep(x, outside=0)``: x on the coordinates of ``mask``, ``outside`` elsewhere (exactly: a select)."""
+    mask = tf.broadcast_to(tf.cast(mask, tf.bool), tf.shape(like))
+
+    def keep(x, outside=None):
+        return tf.where(mask, x, tf.zeros_like(x) if outside is None else outside)
+
+    return keep
 
 
 def precondition(preconditioner, weights, constants, alpha, v):

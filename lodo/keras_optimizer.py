@@ -16,24 +16,34 @@ the ablations are generated subclasses that differ only in their row (preconditi
 defaults, pinned hyperparameters). Each is registered with Keras under its own name, and
 its constructor keywords, defaults and docstring come from its row, so a saved model
 names its optimizer's class and ``keras.optimizers.deserialize`` rebuilds it.
+
+They behave as Keras's own optimizers do (tests/test_keras_conformance.py runs Keras's generic
+optimizer checks on them): ``initial_lr`` may be a ``LearningRateSchedule`` or a callable, an
+unnamed instance is auto-named (``lodo``, ``lodo_1``, …), and a variable that is not in a step's
+update (a ``None`` gradient, a layer frozen after compiling, ``overwrite_with_gradient``) is left
+exactly as it is: the joint step is restricted to the variables in the update (the ``mask`` of
+``lodo.algorithm.update``), since G would otherwise mix the others' momentum into the step and
+move them too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src import backend
+from keras.src.utils.naming import auto_name
 
 from lodo import algorithm, layerwise, meta_optimizers, preconditioners, variants
 
 PLANS = ("auto", "fast", "lean")
 KERAS_ARGUMENT_DOCS = {
     "seed": "draws the preconditioner's permutations and initial weights.",
-    "name": "the optimizer's name.",
+    "name": "the optimizer's name; None: Keras's automatic one (the variant's name, then ``_1``, ``_2``, …).",
     "plan": ("memory layout of the block-permutation core (``lodo.layerwise.Plan.choose``): ``\"auto\"`` (fast "
              "while that costs little memory, else lean), ``\"fast\"``, ``\"lean\"`` or a ``layerwise.Plan``. It "
              "never changes the numbers, so it is not part of the config; other preconditioners ignore it."),
@@ -45,7 +55,7 @@ def _keywords(variant: variants.Variant) -> dict:
     defaults, without the pinned ones: the keywords of the classes as they were written by hand."""
     keywords = dict(variant.hyperparameters())
     meta = {k: keywords.pop(k) for k in ["meta_optimizer"] if k in keywords}
-    return {**keywords, "seed": 0, **meta, "name": variant.name, "plan": "auto"}
+    return {**keywords, "seed": 0, **meta, "name": None, "plan": "auto"}
 
 
 def _describe(cls, variant: variants.Variant):
@@ -54,9 +64,17 @@ def _describe(cls, variant: variants.Variant):
     keywords = _keywords(variant)
     cls.variant = variant
     cls.__signature__ = variants.signature(keywords, var_keyword="kwargs")
-    cls.__doc__ = variant.docstring(f"{variant.label}: {variant.summary}", keywords, KERAS_ARGUMENT_DOCS,
+    docs = dict(KERAS_ARGUMENT_DOCS)
+    docs["initial_lr"] = (variants.ARGUMENT_DOCS["initial_lr"] + " A float, or a "
+                          "``keras.optimizers.schedules.LearningRateSchedule`` or callable, as Keras's learning_rate.")
+    cls.__doc__ = variant.docstring(f"{variant.label}: {variant.summary}", keywords, docs,
                                     "\n    **kwargs: passed to ``keras.optimizers.Optimizer`` (e.g. ``clipnorm``).")
     return cls
+
+
+def _is_schedule(value) -> bool:
+    """Whether a learning rate is one Keras evaluates every step (a schedule or a callable), not a number."""
+    return isinstance(value, keras.optimizers.schedules.LearningRateSchedule) or callable(value)
 
 
 def _tf_variable(v):
@@ -74,12 +92,18 @@ class LODO(keras.optimizers.Optimizer):
         bound.apply_defaults()
         given = dict(bound.arguments)
         extra = given.pop("kwargs")
-        extra.pop("learning_rate", None)
+        if "learning_rate" in extra:
+            raise ValueError(f"{self.variant.label} takes its learning rate as initial_lr (α0, the scale of G), "
+                             f"not learning_rate; pass initial_lr={extra['learning_rate']!r}")
         given.update({k: extra.pop(k) for k in list(extra) if k in self.variant.pinned})
         settings = self.variant.settings(given)
         initial_lr, meta_lr, beta = settings["initial_lr"], settings["meta_lr"], settings["beta"]
-        super().__init__(learning_rate=initial_lr, name=settings["name"], **extra)
-        algorithm.LODOHyperparams(initial_lr=initial_lr, meta_lr=meta_lr, beta=beta)  # validates
+        scheduled = _is_schedule(initial_lr)
+        # validates; a schedule's values are its own business, as they are for Keras's learning_rate
+        algorithm.LODOHyperparams(initial_lr=self.variant.defaults.initial_lr if scheduled else initial_lr,
+                                  meta_lr=meta_lr, beta=beta)
+        name = settings["name"] if settings["name"] is not None else auto_name(self.variant.name)
+        super().__init__(learning_rate=initial_lr if scheduled else float(initial_lr), name=name, **extra)
         self.meta_lr = float(meta_lr)
         self.beta = float(beta)
         for key in self.variant.preconditioner_fields:  # num_layers, block_size, …
@@ -158,31 +182,38 @@ class LODO(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         pairs = self._all_reduce_sum_gradients(list(zip(grads, map(_tf_variable, trainable_variables))))
-        # Keras drops variables whose gradient is None; LODO needs every slot.
+        # Keras leaves out the variables without a gradient (None, frozen, overwrite_with_gradient);
+        # LODO's vector has every slot: theirs are zeros and the step is restricted to the others.
         by_index = {self._get_variable_index(v): g for (g, _), v in zip(pairs, trainable_variables)}
         full = [
             by_index.get(i, tf.zeros(v.shape, v.dtype)) for i, v in enumerate(self._trainable_variables)
         ]
+        active = tuple(i in by_index for i in range(len(self._trainable_variables)))
         all_variables = [_tf_variable(v) for v in self._trainable_variables]
+        # ``active`` is the same Python value on every replica: bound, it is not passed through merge_call.
+        joint_update = functools.partial(self._distributed_joint_update, active=None if all(active) else active)
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_joint_update, self._distribution_strategy, full, all_variables, learning_rate
+            joint_update, self._distribution_strategy, full, all_variables, learning_rate
         )
 
-    def _distributed_joint_update(self, distribution, grads, variables, learning_rate):
+    def _distributed_joint_update(self, distribution, grads, variables, learning_rate, active):
         # Anchored on one state variable, ``update`` runs the function once per
         # device with that device's copies of every argument.
         anchor = self._state_variables[0].value
         state_vars = [v.value for v in self._state_variables]
         distribution.extended.update(
-            anchor, self._joint_update, args=(grads, variables, state_vars, learning_rate), group=False
+            anchor, functools.partial(self._joint_update, active=active),
+            args=(grads, variables, state_vars, learning_rate), group=False
         )
 
-    def _joint_update(self, _anchor, grads, variables, state_vars, learning_rate):
+    def _joint_update(self, _anchor, grads, variables, state_vars, learning_rate, active):
+        """One step; ``active`` (a bool per variable, or None: all) names the variables in this update."""
         dtype = self._state_dtype
         flat_grad = tf.concat([tf.reshape(tf.cast(g, dtype), [-1]) for g in grads], axis=0)
         if self.layerwise:
-            self._core.step(self._layer_state.unflatten(state_vars), flat_grad, variables, learning_rate)
+            self._core.step(self._layer_state.unflatten(state_vars), flat_grad, variables, learning_rate, active)
             return
+        mask = None if active is None else np.concatenate([np.full(k, a) for k, a in zip(self._sizes, active)])
         state = tf.nest.pack_sequence_as(self._treedef, [v.read_value() for v in state_vars])
         step, state = algorithm.update(
             state,
@@ -191,17 +222,18 @@ class LODO(keras.optimizers.Optimizer):
             beta=self.beta,
             preconditioner=self._preconditioner,
             meta_optimizer=self._meta,
+            mask=None if mask is None else mask[None],
         )
         for var, value in zip(state_vars, tf.nest.flatten(state)):
             var.assign(value)
-        for var, piece in zip(variables, tf.split(step[0], self._sizes)):
-            var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
+        for i, (var, piece) in enumerate(zip(variables, tf.split(step[0], self._sizes))):
+            if active is None or active[i]:
+                var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
 
     def get_config(self):
         config = super().get_config()
-        config.pop("learning_rate", None)
         config.update(
-            initial_lr=float(self._learning_rate.numpy()) if hasattr(self._learning_rate, "numpy") else self._learning_rate,
+            initial_lr=config.pop("learning_rate"),  # Keras's form: a float, or a serialized schedule or callable
             meta_lr=self.meta_lr,
             beta=self.beta,
             seed=self.seed,
@@ -211,6 +243,14 @@ class LODO(keras.optimizers.Optimizer):
         for key in self.variant.pinned:
             config.pop(key)
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("initial_lr"), dict):  # a serialized schedule or callable
+            config["initial_lr"] = keras.saving.deserialize_keras_object(config["initial_lr"],
+                                                                         custom_objects=custom_objects)
+        return cls(**config)
 
 
 def _keras_class(variant: variants.Variant) -> type:

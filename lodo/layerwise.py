@@ -223,6 +223,9 @@ def _scatter(index: tf.Tensor, x: tf.Tensor, *after: tf.Tensor) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(tf.fill(tf.shape(x), zero), index[:, None], x)
 
 
+_PROGRAMS: dict = {}  # (settings…, lo, hi) → the compiled program of that segment; see LayerwiseCore.__init__
+
+
 class LayerwiseCore:
     """One LODO step on a ``LayerState`` as a few XLA programs; see the module docstring."""
 
@@ -233,8 +236,16 @@ class LayerwiseCore:
         self.dtype = tf.as_dtype(dtype)
         self.adam = isinstance(meta_optimizer, meta_optimizers.Adam)
         self.segments = plan.segments(network.num_layers)
+        # A program depends only on these settings (the variables are its arguments), so cores that share
+        # them share their compiled programs: a second optimizer of the same shape (the next seed, a
+        # rebuilt model) does not compile again.
+        key = (network, plan, meta_optimizer, beta, self.dtype,
+               tuple(len(getattr(template, name)) for name in LayerState.FIELDS))
         compile = functools.partial(tf.function, jit_compile=True, autograph=False)
-        self._programs = [compile(functools.partial(self._segment_program, lo, hi)) for lo, hi in self.segments]
+        for lo, hi in self.segments:
+            if (*key, lo, hi) not in _PROGRAMS:
+                _PROGRAMS[(*key, lo, hi)] = compile(functools.partial(self._segment_program, lo, hi))
+        self._programs = [_PROGRAMS[(*key, lo, hi)] for lo, hi in self.segments]
 
     # -- permutations ------------------------------------------------------------------------------
     def _permute(self, state: LayerState, i: int, x: tf.Tensor) -> tf.Tensor:
@@ -251,16 +262,23 @@ class LayerwiseCore:
         return tf.pad(v, [[0, self.network.padded - self.network.n]])  # no constant of zeros to fold
 
     # -- the programs --------------------------------------------------------------------------------
-    def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, cotangent):
+    def _segment_program(self, lo, hi, state_vars, model_vars, grad, alpha, count, cotangent, mask=None,
+                         active=None):
         """Layers [lo, hi): push (m_t, g) through the old blocks up to layer hi − 1, keeping the
         inputs of layers lo … hi − 1; then from layer hi − 1 down to lo form each layer's
         hypergradient, step its φ_i (and moments) in place, and carry the cotangent down with
         the old blocks. Returns the cotangent at the segment's input; the first segment then
-        also updates m and applies G(φ_{t+1}) m_{t+1} to the model's variables."""
+        also updates m and applies G(φ_{t+1}) m_{t+1} to the model's variables.
+
+        With ``mask`` (``[n]`` booleans) the step is restricted to those coordinates as in
+        ``lodo.algorithm.update``; ``active`` (one bool per model variable) says which variables
+        are written."""
         state = self._template.unflatten(state_vars)
         n = self.network.n
         momentum = state.momentum[0].read_value()
-        pair = tf.complex(self._pad(momentum), self._pad(grad))  # the m path and the g path
+        kept = momentum if mask is None else tf.where(mask, momentum, tf.zeros_like(momentum))
+        grad = grad if mask is None else tf.where(mask, grad, tf.zeros_like(grad))
+        pair = tf.complex(self._pad(kept), self._pad(grad))  # the m path and the g path
         inputs, old = [], {}
         for i in range(hi):
             old[i] = state.blocks[i].read_value()
@@ -297,32 +315,45 @@ class LayerwiseCore:
 
         # Steps 5 and 1 of Algorithm 1 with the new φ.
         beta = meta_optimizers.scalar(self.beta, self.dtype)
-        momentum = _after(beta * momentum + (1 - beta) * grad, inputs[0])  # after the read of m_t above
+        momentum_new = beta * momentum + (1 - beta) * grad
+        if mask is not None:
+            momentum_new = tf.where(mask, momentum_new, momentum)  # a left-out coordinate keeps its m
+        momentum = _after(momentum_new, inputs[0])  # after the read of m_t above
         state.momentum[0].assign(momentum)
         blocks = [new_blocks[i] if i in new_blocks else state.blocks[i].read_value()
                   for i in range(self.network.num_layers)]
-        y = self._pad(momentum)
+        y = self._pad(momentum if mask is None else tf.where(mask, momentum, tf.zeros_like(momentum)))
         for i in range(self.network.num_layers):
             y = _times(blocks[i], self._permute(state, i, y))
         for i in reversed(range(self.network.num_layers)):
             y = _scatter(self._perm(state, i, y), _times_transposed(blocks[i], y))
         step = alpha * y[:n]
         sizes = [int(np.prod(v.shape)) for v in model_vars]
-        for var, piece in zip(model_vars, tf.split(step, sizes)):
-            var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
+        for i, (var, piece) in enumerate(zip(model_vars, tf.split(step, sizes))):
+            if active is None or active[i]:
+                var.assign_sub(tf.cast(tf.reshape(piece, var.shape), var.dtype))
         return None
 
     # -- one step ------------------------------------------------------------------------------------
-    def step(self, state: LayerState, grad: tf.Tensor, model_vars, alpha) -> None:
+    def step(self, state: LayerState, grad: tf.Tensor, model_vars, alpha, active=None) -> None:
         """θ ← θ − G(φ_{t+1}) m_{t+1} on ``model_vars`` after the meta-step of φ, given the flat
-        gradient g = ∇L(θ) (``[n]``)."""
+        gradient g = ∇L(θ) (``[n]``).
+
+        ``active`` (one bool per model variable, or None: all) restricts the step to the variables
+        in this update, as ``lodo.algorithm.update``'s mask does; the others are not written."""
         grad = tf.cast(grad, self.dtype)
         alpha = tf.cast(alpha, self.dtype)
         state_vars = state.flatten()
         count = state.count[0].read_value() if self.adam else tf.zeros([], tf.int64)
+        mask = None
+        if active is not None and all(active):
+            active = None
+        if active is not None:
+            active = tuple(bool(a) for a in active)
+            mask = tf.constant(np.concatenate([np.full(int(np.prod(v.shape)), a) for v, a in zip(model_vars, active)]))
         cotangent = None  # the top segment starts it
         for program in reversed(self._programs):
-            cotangent = program(state_vars, list(model_vars), grad, alpha, count, cotangent)
+            cotangent = program(state_vars, list(model_vars), grad, alpha, count, cotangent, mask, active)
         if self.adam:
             state.count[0].assign_add(1)
 
@@ -338,7 +369,8 @@ class LayerwiseCore:
         pair = tf.zeros([self.network.padded], tf.complex(tf.zeros([], self.dtype), 0.0).dtype)
         out = {}
         for index, (lo, hi) in enumerate(self.segments):
-            args = (state_vars, model_vars, grad, alpha, count, pair if index < len(self.segments) - 1 else None)
+            args = (state_vars, model_vars, grad, alpha, count, pair if index < len(self.segments) - 1 else None,
+                    None, None)  # every variable in the update (no mask)
             serialized = self._programs[index].experimental_get_compiler_ir(*args)(
                 stage="optimized_hlo_proto_serialized")
             out[f"segment {lo}-{hi - 1}"] = hlo_pb2.HloProto.FromString(serialized)

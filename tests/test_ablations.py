@@ -170,7 +170,7 @@ def test_both_front_ends_are_generated_from_the_variant_table(variant):
     assert engine == variant.hyperparameters()
     assert list(engine) == [k for k in ("initial_lr", "meta_lr", "beta", *variant.preconditioner_fields,
                                         "meta_optimizer") if k not in variant.pinned]
-    assert keras_keywords == dict(engine, seed=0, name=variant.name, plan="auto")
+    assert keras_keywords == dict(engine, seed=0, name=None, plan="auto")
     assert not set(variant.pinned) & set(keras_cls().get_config())
     assert variant.label in keras_cls.__doc__ and variant.label in engine_cls.__doc__
     for key, value in variant.pinned.items():
