@@ -47,14 +47,14 @@ def signal_handlers():
         signal.signal(s, handler)
 
 
-def execute(cfg, folder: Path, capsys) -> tuple:
-    """``cli.execute``: (exit status, stdout, the stderr lines)."""
+def execute(cfg, folder: Path, capture) -> tuple:
+    """``cli.execute``: (exit status, stdout, the stderr lines), read from ``capture`` (capsys or capfd)."""
     try:
         cli.execute(cfg, folder)
         code = 0
     except SystemExit as exit_:
         code = exit_.code
-    out, err = capsys.readouterr()
+    out, err = capture.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 
 
@@ -105,16 +105,19 @@ def test_run_folders_of_the_previous_version_and_hydras_fresh_ones_are_the_runne
     assert not (fake / run_folder.MARKER).exists() and not (fake / run_folder.LOCK).exists()
 
 
-def test_a_fresh_start_in_a_run_folder_removes_only_what_the_runner_wrote(tmp_path, capsys):
-    folder = tmp_path / "run"
-    cfg = composed("steps=20", "chunk_size=10")
-    assert execute(cfg, folder, capsys)[0] == 0
-    (folder / "tb" / "notes.txt").write_text("mine\n")
-    (folder / "analysis.ipynb").write_text("{}")
-    code, out, _ = execute(composed("steps=20", "chunk_size=10", "checkpoint.resume=false"), folder, capsys)
-    assert code == 0 and "already finished" not in out and "resumed" not in out
-    assert (folder / "tb" / "notes.txt").read_text() == "mine\n" and (folder / "analysis.ipynb").exists()
-    assert len(list((folder / "tb").glob("events.out.tfevents.*"))) == 1  # the old events went, the new are there
+def test_a_fresh_start_in_a_run_folder_removes_only_what_the_runner_wrote(tmp_path):
+    runners = ["config.yaml", "summary.json", "seed_0.json", "tb/seed_0/events.out.tfevents.1.host",
+               "checkpoints/ckpt-00000002/metadata.json", "checkpoints/seed_0/ckpt-00000001.damaged/metadata.json",
+               "checkpoints/.tmp-ckpt-00000003-99/state.index"]
+    users = ["tb/notes.txt", "analysis.ipynb", "checkpoints/seed_0/README"]
+    for name in [run_folder.MARKER, *runners, *users]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    with run_folder.claim(tmp_path):
+        run_folder.start_fresh(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([run_folder.LOCK, run_folder.MARKER, *users])
+    assert not (tmp_path / "tb" / "seed_0").exists()  # emptied runner folders go too
 
 
 def test_a_run_refused_after_it_claimed_a_fresh_folder_leaves_no_folder(tmp_path, capsys, monkeypatch):
@@ -241,23 +244,20 @@ def stop_after_chunks(monkeypatch, chunks: int) -> None:
 
 def test_a_run_resumes_from_the_older_checkpoint_when_the_newest_is_damaged(tmp_path, capsys, monkeypatch):
     args = ["steps=60", "chunk_size=10", "checkpoint.every_s=0", "checkpoint.keep=2"]
-    whole = tmp_path / "whole"
-    assert execute(composed(*args), whole, capsys)[0] == 0
-    folder = tmp_path / "run"
     stop_after_chunks(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        cli.execute(composed(*args), folder)
+        cli.execute(composed(*args), tmp_path)
     monkeypatch.undo()
-    assert [json.loads(p.read_text())["step"] for p in sorted(folder.glob("checkpoints/ckpt-*/metadata.json"))] \
+    assert [json.loads(p.read_text())["step"] for p in sorted(tmp_path.glob("checkpoints/ckpt-*/metadata.json"))] \
         == [20, 30]
-    damage(folder / "checkpoints" / "ckpt-00000003", "truncated_metadata")  # the config check cannot read it
-    code, out, err = execute(composed(*args), folder, capsys)
+    damage(tmp_path / "checkpoints" / "ckpt-00000003", "truncated_metadata")  # the config check cannot read it
+    code, out, err = execute(composed(*args), tmp_path, capsys)
     assert code == 0, err
     assert ("resumed from step 20 (checkpoint ckpt-00000002, the newest intact one; skipped ckpt-00000003 has "
             "unreadable metadata") in out and "kept as ckpt-00000003.damaged)" in out
-    assert (folder / "checkpoints" / "ckpt-00000003.damaged").is_dir()
-    a, b = (json.loads((f / "summary.json").read_text()) for f in (whole, folder))
-    assert a["loss_final_per_seed"] == b["loss_final_per_seed"]
+    assert (tmp_path / "checkpoints" / "ckpt-00000003.damaged").is_dir()
+    summary = json.loads((tmp_path / "summary.json").read_text())  # (bit for bit as uninterrupted: test_resume)
+    assert summary["completed"] and summary["steps_done"] == 60
 
 
 # -- changed settings on resume ---------------------------------------------------------------------
@@ -368,6 +368,36 @@ def test_a_signal_before_training_exits_at_once_and_one_after_it_lets_the_run_fi
     assert len((tmp_path / "late" / "curve.csv").read_text().splitlines()) > 1
 
 
+def test_a_third_ctrl_c_stops_at_once_even_mid_save_and_leaves_the_checkpoints_as_they_were(tmp_path, capfd,
+                                                                                          monkeypatch):
+    train, write = Engine.train, RunCheckpoint._write
+    calls = {"n": 0}
+
+    def ctrl_c_twice_in_chunk_three(self, count):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.02)
+        return train(self, count)
+
+    def ctrl_c_again_mid_save(self, tmp, step, metadata):
+        if step == 30:
+            (tmp / "state.index").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        return write(self, tmp, step, metadata)
+
+    monkeypatch.setattr(Engine, "train", ctrl_c_twice_in_chunk_three)
+    monkeypatch.setattr(RunCheckpoint, "_write", ctrl_c_again_mid_save)
+    code, out, err = execute(composed("steps=60", "chunk_size=10", "checkpoint.every_s=0", "checkpoint.keep=3"),
+                             tmp_path, capfd)
+    assert code == 130 and ("stopped at once by a third Ctrl-C, without a last checkpoint (the newest one on disk is "
+                            "kept); exiting with status 130") in out
+    assert any("SIGINT received again" in line and "Ctrl-C 1 more time" in line for line in err), err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000001", "ckpt-00000002"]
+
+
 CTRL_C = """
 import atexit, os, signal, sys, time
 from lodo.experiment import cli
@@ -473,7 +503,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeyp
     names = sorted(p.name for p in (folder / "checkpoints").iterdir())
     assert names == (["ckpt-00000001", "ckpt-00000002"] if where != "csv" else ["ckpt-00000005"])  # no partial one
     assert not [p for p in folder.rglob("*.tmp")]
-    monkeypatch.undo()
-    status, out, _ = execute(cfg, folder, capsys)
-    assert status == 0 and ("resumed from step 20" in out if where != "csv" else "resumed from step 50" in out)
-    assert json.loads((folder / "summary.json").read_text())["completed"]
+    if where == "checkpoint":  # the previous checkpoint is intact: the same command resumes from it
+        monkeypatch.undo()
+        status, out, _ = execute(cfg, folder, capsys)
+        assert status == 0 and "resumed from step 20" in out
+        assert json.loads((folder / "summary.json").read_text())["completed"]

@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from lodo.experiment import config, gpus, outputs, registry, run_folder  # noqa: E402
 from lodo.experiment.checkpoints import CheckpointError  # noqa: E402
 from lodo.experiment.config import ConfigError  # noqa: E402
-from lodo.experiment.preemption import FORCE_AFTER, Interrupted, Preemption  # noqa: E402
+from lodo.experiment.preemption import Interrupted, Preemption  # noqa: E402
 
 
 @hydra.main(config_path=str(registry.CONFIG_DIR), config_name="config", version_base="1.3")
@@ -60,9 +60,8 @@ def execute(cfg: DictConfig, out_dir: Path) -> dict:
             fail(str(err))
         except Interrupted as err:
             sys.stdout.flush()
-            print(f"stopped at once by the {FORCE_AFTER}rd Ctrl-C, without a last checkpoint (the newest one on disk "
-                  f"is kept); exiting with status {err.preemption.status}; rerun the same command to resume",
-                  flush=True)
+            print(f"stopped at once by a third Ctrl-C, without a last checkpoint (the newest one on disk is kept); "
+                  f"exiting with status {err.preemption.status}; rerun the same command to resume", flush=True)
             raise SystemExit(err.preemption.status) from None
         except Exception as err:  # noqa: BLE001 - a full disk, whoever raised it; anything else goes on
             if outputs.disk_full(err):

@@ -175,8 +175,11 @@ class Preemption:
 def _say(line: str) -> None:
     try:
         os.write(sys.stderr.fileno(), (line + "\n").encode())
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError):  # a stderr without a file descriptor (a captured one)
+        try:
+            sys.stderr.write(line + "\n")
+        except (OSError, ValueError, RuntimeError):
+            pass
 
 
 def exit_for_requeue() -> None:

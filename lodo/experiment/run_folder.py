@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -117,6 +118,10 @@ class Claim:
         except OSError as err:
             holder = os.pread(fd, 200, 0).decode(errors="replace").split()
             os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                print(f"warning: {path} cannot be locked on this file system ({err.strerror}): nothing stops a "
+                      f"second run in this folder", file=sys.stderr, flush=True)
+                return
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             who = (f"PID {holder[0]} (on {holder[1]}, since {holder[2]})" if len(holder) >= 3
