@@ -9,7 +9,8 @@ RUN := $(PY)
 .PHONY: reproduce-small reproduce-table7 report-table7 reproduce-frozen report-frozen reproduce-table8 report-table8
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{n[NR]=$$1; d[NR]=$$2; if (length($$1) > w) w = length($$1)} \
+		END {for (i = 1; i <= NR; i++) printf "  make %-*s  %s\n", w, n[i], d[i]}'
 
 install: $(VENV)/.installed  ## create .venv: the pinned requirements, then this project in editable mode
 
