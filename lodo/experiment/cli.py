@@ -168,10 +168,11 @@ def cli() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C before a job's signal handling began (Hydra's start-up) or between jobs
+    except KeyboardInterrupt:  # Ctrl-C outside a job's own handling: Hydra's start-up, between jobs, a launcher
         sys.stdout.flush()
-        print(f"stopped by SIGINT outside a run's training: nothing to save; exiting with status "
-              f"{Preemption.STATUS[signal.SIGINT]}", file=sys.stderr, flush=True)
+        print(f"stopped by SIGINT outside a job (jobs in worker processes save their own checkpoints); exiting "
+              f"with status {Preemption.STATUS[signal.SIGINT]}; rerun the same command to resume", file=sys.stderr,
+              flush=True)
         raise SystemExit(Preemption.STATUS[signal.SIGINT]) from None
     except Exception as err:
         message = None if user_wants_tracebacks else hydra_error(err)
