@@ -20,6 +20,8 @@ engine's ``[S, n]`` variable for the engine.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -46,23 +48,29 @@ def lars_buffer(weights, grad, buffer, learning_rate, momentum, weight_decay, pr
 
 
 def _check(learning_rate, momentum, weight_decay, total_steps):
+    for key, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"LARS {key} must be a finite number, got {value!r}")
     if not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"LARS momentum must be in [0, 1), got {momentum!r}")
     if float(weight_decay) < 0.0:
         raise ValueError(f"LARS weight_decay must be non-negative, got {weight_decay!r}")
-    if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 1:
-        raise ValueError(f"LARS total_steps must be a positive integer (the step budget), got {total_steps!r}")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, (int, float))
+                                    or int(total_steps) != total_steps or total_steps < 1):
+        raise ValueError(f"LARS total_steps must be a positive integer (the step budget) or None, got {total_steps!r}")
 
 
 @keras.saving.register_keras_serializable(package="lodo_baselines")
 class LARS(keras.optimizers.Optimizer):
     """LARS for ``model.compile``/``model.fit``, ``apply_gradients`` loops and ``tf.distribute``.
 
-    ``total_steps`` is required: it is the step budget over which the global
+    ``total_steps``, if given, is the step budget over which the global
     learning rate decays as lr·(1 − step/total_steps)², reaching 0 at the end
-    (and staying 0 if training goes on). With ``model.fit`` it is
-    epochs × steps per epoch. A learning-rate schedule, if given, is
-    multiplied by that decay.
+    (and staying 0 if training goes on); with ``model.fit`` it is
+    epochs × steps per epoch. Without it the global rate is ``learning_rate``
+    itself, so a Keras schedule decays it the Keras way: the same decay is
+    ``PolynomialDecay(lr, total_steps, end_learning_rate=0.0, power=2)``. A
+    schedule given together with ``total_steps`` is multiplied by that decay.
 
     ``weight_decay`` is LARS's own coupled term (it enters both the local rate
     and the step); it is *not* passed on to Keras's decoupled weight decay.
@@ -71,12 +79,12 @@ class LARS(keras.optimizers.Optimizer):
     is correct under ``MirroredStrategy``.
     """
 
-    def __init__(self, learning_rate=0.001, momentum=0.9, weight_decay=5e-4, *, total_steps, name="lars", **kwargs):
+    def __init__(self, learning_rate=0.001, momentum=0.9, weight_decay=5e-4, total_steps=None, name=None, **kwargs):
         _check(learning_rate, momentum, weight_decay, total_steps)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
         self.lars_weight_decay = float(weight_decay)  # `weight_decay` would switch on Keras's decoupled decay
-        self.total_steps = int(total_steps)
+        self.total_steps = None if total_steps is None else int(total_steps)
 
     def build(self, variables):
         if self.built:
@@ -89,7 +97,10 @@ class LARS(keras.optimizers.Optimizer):
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)  # the norm needs every row
         buffer = self._buffers[self._get_variable_index(variable)]
-        progress = tf.cast(self.iterations, dtype) / self.total_steps
+        if self.total_steps is None:
+            progress = tf.zeros([], dtype)  # (1 − 0)² = 1: the rate is the learning rate (or schedule) itself
+        else:
+            progress = tf.cast(self.iterations, dtype) / self.total_steps
         new = lars_buffer(tf.convert_to_tensor(variable), tf.cast(gradient, dtype), tf.convert_to_tensor(buffer),
                           tf.cast(learning_rate, dtype), self.momentum, self.lars_weight_decay, progress)
         self.assign(buffer, new)
@@ -107,19 +118,20 @@ class EngineLARS(FunctionalOptimizer):
     A small task has one "layer", so each seed's local rate comes from its own
     row; a whole-variable norm would couple the seeds. ``total_steps``
     defaults to 100000 (the bowl's budget); the runner's config passes the
-    run's ``steps``.
+    run's ``steps``. None: no decay, as in the Keras class.
     """
 
     def __init__(self, learning_rate=0.001, momentum=0.9, weight_decay=5e-4, total_steps=100_000):
         _check(learning_rate, momentum, weight_decay, total_steps)
-        lr, mu, wd, budget = float(learning_rate), float(momentum), float(weight_decay), int(total_steps)
+        lr, mu, wd = float(learning_rate), float(momentum), float(weight_decay)
+        budget = None if total_steps is None else int(total_steps)
 
         def init(n, seeds, dtype):
             return {"buffer": tf.zeros([len(seeds), n], dtype), "step": tf.zeros([], tf.int64)}
 
         def update(state, grad, params, oracle):
             weights = params.read_value()
-            progress = tf.cast(state["step"], weights.dtype) / budget
+            progress = tf.zeros([], weights.dtype) if budget is None else tf.cast(state["step"], weights.dtype) / budget
             buffer = lars_buffer(weights, grad, state["buffer"], lr, mu, wd, progress, axis=-1)
             return buffer, {"buffer": buffer, "step": state["step"] + 1}
 

@@ -32,7 +32,7 @@ class Yogi(keras.optimizers.Optimizer):
     are Keras's own.
     """
 
-    def __init__(self, learning_rate=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-3, name="yogi", **kwargs):
+    def __init__(self, learning_rate=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-3, name=None, **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         for key, value in (("beta_1", beta_1), ("beta_2", beta_2)):
             if not 0.0 <= float(value) < 1.0:

@@ -92,11 +92,29 @@ def test_lars_matches_numpy_with_layerwise_norms_decay_and_momentum(float64_kera
     assert np.abs(whole[0][-2:] - got[1]).max() > 1e-3  # one norm over both variables would differ
 
 
-def test_lars_needs_a_step_budget_and_checks_values():
-    with pytest.raises(TypeError):
-        LARS(learning_rate=0.1)
+def test_lars_without_a_budget_keeps_its_rate_and_a_polynomial_schedule_is_the_budget(float64_keras):
+    """``LARS(learning_rate=…)`` alone is a constant global rate; the Keras way to the built-in decay,
+    ``PolynomialDecay(lr, T, 0, power=2)``, follows the ``total_steps=T`` trajectory."""
+    rng = np.random.default_rng(3)
+    problem = [(rng.uniform(0.5, 3.0, s), rng.standard_normal(s)) for s in [(3, 2), (2,)]]
+    inits = [rng.standard_normal((3, 2)), rng.standard_normal(2)]
+    got = run_keras(LARS(learning_rate=0.3, momentum=0.7, weight_decay=0.01), inits, problem, 9)
+    expected = run_numpy(numpy_lars(0.3, 0.7, 0.01, np.inf), inits, problem, 9, with_step=True)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.3, 6, end_learning_rate=0.0, power=2)
+    scheduled = run_keras(LARS(learning_rate=schedule, momentum=0.7, weight_decay=0.01), inits, problem, 9)
+    budget = run_keras(LARS(learning_rate=0.3, momentum=0.7, weight_decay=0.01, total_steps=6), inits, problem, 9)
+    for a, b, e in zip(scheduled, budget, got):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)  # Keras's schedules compute in float32
+        assert np.abs(a - e).max() > 1e-3  # the decay made a difference
+
+
+def test_lars_checks_values():
     with pytest.raises(ValueError, match="total_steps"):
         LARS(total_steps=0)
+    with pytest.raises(ValueError, match="LARS momentum must be a finite number, got nan"):
+        LARS(momentum=float("nan"))
     with pytest.raises(ValueError, match="beta_2"):
         Yogi(beta_2=1.0)
     assert LARS(weight_decay=0.1, total_steps=5).weight_decay is None  # not Keras's decoupled decay
