@@ -19,8 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.data import check_int, check_unknown, data_options, layer_seed, load_images, step_keys
-from tasks.image_base import ImageTask
+from tasks.data import check_int, check_unknown, data_options, describe_source, layer_seed, load_images, step_keys
+from tasks.image_base import DataError, ImageTask
 
 HEIGHT = WIDTH = 28
 PIXELS = HEIGHT * WIDTH
@@ -135,8 +135,9 @@ class PixelCNNMNIST(ImageTask):
         train, _ = load_images(self.dataset, "train", **self.data)
         test, _ = load_images(self.dataset, "test", **self.data)
         if len(train) <= VALIDATION_IMAGES:
-            raise ValueError(f"{self.dataset} has {len(train)} training images; the task holds out the last "
-                             f"{VALIDATION_IMAGES} and needs more")
+            raise DataError(f"{self.dataset} train in {describe_source(self.data)} has {len(train)} images; the task "
+                            f"holds out the last {VALIDATION_IMAGES} for validation and needs more: point the task "
+                            f"at the full dataset")
         test = test[: self.test_size] if self.test_size is not None else test
         self._arrays = (train[:-VALIDATION_IMAGES, ..., 0], train[-VALIDATION_IMAGES:, ..., 0], test[..., 0])
 

@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.data import check_int, check_unknown, data_options, layer_seed, load_images, step_keys
-from tasks.image_base import ImageTask
+from tasks.data import check_int, check_unknown, data_options, describe_source, layer_seed, load_images, step_keys
+from tasks.image_base import DataError, ImageTask
 
 SIZE = 32
 PAD = 4
@@ -116,7 +116,6 @@ class ResNet18CIFAR10(ImageTask):
         test, test_labels = load_images("cifar10", "test", **self.data)
         if self.test_size is not None:
             test, test_labels = test[: self.test_size], test_labels[: self.test_size]
-        self._arrays = (train, train_labels, test, test_labels)
         # Per-channel statistics of the training set, in chunks (a float64 copy of CIFAR-10 is 1.2 GB).
         total, squares = np.zeros(3), np.zeros(3)
         for start in range(0, len(train), 5000):
@@ -125,7 +124,12 @@ class ResNet18CIFAR10(ImageTask):
             squares += (chunk ** 2).sum(axis=0)
         count = train.shape[0] * train.shape[1] * train.shape[2]
         self.mean = (total / count).astype(np.float32)
-        self.std = np.sqrt(squares / count - (total / count) ** 2).astype(np.float32)
+        self.std = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0)).astype(np.float32)
+        if not (self.std > 1e-6).all():  # normalize() would divide by (almost) zero: every loss NaN or huge
+            raise DataError(f"cifar10 train in {describe_source(self.data)} has a colour channel with no variation "
+                            f"(std {', '.join(f'{v:.2g}' for v in self.std)} for red, green, blue): the images are not "
+                            f"CIFAR-10's; replace them")
+        self._arrays = (train, train_labels, test, test_labels)
 
     @property
     def num_train_images(self) -> int:
