@@ -20,6 +20,12 @@ import numpy as np
 import pandas as pd
 
 from lodo.experiment import report
+from lodo.experiment.summary import problems
+
+# The frozen-preconditioner result's fields this report reads (a run whose result lacks them is left out).
+FROZEN_NEEDS = {"frozen.after_steps": "natural", "frozen.steps": "count", "frozen.diverged_seeds": "natural",
+                "frozen.divergence_step_per_seed": "numbers?", "frozen.nonfinite_step_per_seed": "numbers?",
+                "frozen.divergence_factor": "number"}
 
 
 def steps_text(steps: list) -> str:
@@ -106,12 +112,18 @@ def figure(runs: dict, out_dir: Path, first: int = 20) -> None:
 
 
 def build(runs, paper, out_dir: Path) -> str:
-    frozen = [r for r in runs if "frozen" in r.summary]
+    frozen = []
     for run in runs:
+        damage = problems(run.summary, FROZEN_NEEDS)
         if "frozen" not in run.summary:
             print(f"note: {run.name} has no frozen-preconditioner result (frozen.steps=0); left out", file=sys.stderr)
+        elif damage:
+            print(f"note: {run.name}'s summary.json has a damaged frozen result ({'; '.join(damage)}); left out",
+                  file=sys.stderr)
+        else:
+            frozen.append(run)
     if not frozen:
-        raise SystemExit("error: no run with a frozen-preconditioner result")
+        raise report.ReportError("no run with a frozen-preconditioner result: run `make reproduce-frozen` first")
     runs = report.by_optimizer(frozen)
     table = build_table(runs, paper)
     table_md = markdown(table)

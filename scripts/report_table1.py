@@ -18,6 +18,8 @@ import pandas as pd
 
 from lodo.experiment import report
 
+NEEDS = {"loss_final_std": "number?"}  # the summary fields read beyond every row's (report.main skips runs without)
+
 
 def build_table(runs: dict, paper) -> pd.DataFrame:
     rows = []
@@ -54,7 +56,8 @@ def markdown(table: pd.DataFrame, optimum: float | None, seconds) -> str:
     header = ["Optimizer", f"Loss at {steps:,} steps", "Paper (100k)", f"Loss at {seconds} s", "Paper (300 s)",
               f"Steps in {seconds} s", "Seed-steps/s"]
     rows = [[report.label(r.optimizer), r.loss_100k, report.paper_cell(r.paper_loss_100k), r.loss_300s,
-             report.paper_cell(r.paper_loss_300s), steps_text(r.steps_in_300s), f"{r.seed_steps_per_s:,.0f}"]
+             report.paper_cell(r.paper_loss_300s), steps_text(r.steps_in_300s),
+             "–" if report.missing(r.seed_steps_per_s) else f"{r.seed_steps_per_s:,.0f}"]
             for r in table.itertuples()]
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the training loss averaged over the last 1% of "
             "steps. \"?\": the paper's value is lost in our copy (SPEC §5). ")
@@ -95,7 +98,7 @@ def figure(runs: dict, out_dir: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[0].set_title("Learning curves")
     axes[1].set_title("Learning curves by training time")
-    if "lodo" in runs:
+    if "lodo" in runs and "hessian_error" in runs["lodo"].curve:
         errors = runs["lodo"].curve.dropna(subset=["hessian_error"])
         per_step = errors.groupby("step").hessian_error.agg(["mean", "min", "max"]).reset_index()
         axes[2].plot(per_step.step, per_step["mean"], color="C3", label="LODO (mean of seeds)")
@@ -120,7 +123,7 @@ def build(runs, paper, out_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return report.main(argv, doc=__doc__, stem="table1", make_target="reproduce-table1", build=build)
+    return report.main(argv, doc=__doc__, stem="table1", make_target="reproduce-table1", build=build, needs=NEEDS)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import pandas as pd
 
 from lodo.experiment import report
 
+# The summary fields read beyond every row's (report.main skips runs without them).
+NEEDS = {"loss_final_per_seed": "numbers?", "task_options.noise_variance": "number"}
+
 
 def per_seed_ratios(run: report.Run) -> tuple[float, np.ndarray, int]:
     """(σ², loss/σ² of each seed that did not diverge, number diverged)."""
@@ -136,7 +139,7 @@ def build(runs, paper, out_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return report.main(argv, doc=__doc__, stem="table7", make_target="reproduce-table7", build=build)
+    return report.main(argv, doc=__doc__, stem="table7", make_target="reproduce-table7", build=build, needs=NEEDS)
 
 
 if __name__ == "__main__":

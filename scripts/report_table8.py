@@ -21,6 +21,7 @@ import pandas as pd
 from lodo.experiment import report
 
 X_RANGE, Y_RANGE = (-1.2, 1.5), (-1.0, 2.5)  # Figure 3's window (SPEC §3.2)
+NEEDS = {"loss_final_std": "number?", "report_window": "window"}  # read beyond every row's fields
 
 
 def build_table(runs: dict, paper) -> pd.DataFrame:
@@ -87,10 +88,9 @@ def figure3(runs: dict, out_dir: Path) -> None:
                      norm=LogNorm(vmin=max(f.min(), 1e-5), vmax=f.max()), interpolation="bilinear")
     fig.colorbar(mesh, ax=ax, label="f(x, y)  (log scale)")
     for i, (name, run) in enumerate(runs.items()):
-        path = run.folder / "trajectory.csv"
-        if not path.exists():
+        if not (run.folder / "trajectory.csv").exists():
             continue
-        points = pd.read_csv(path)
+        points = run.read_csv("trajectory.csv")
         seed0 = points[points.seed == points.seed.min()].sort_values("step")
         ax.plot(seed0.theta_0, seed0.theta_1, "-", color=f"C{i}", lw=1.3, label=report.label(name))
         ax.plot(seed0.theta_0.iloc[-1], seed0.theta_1.iloc[-1], "o", color=f"C{i}", ms=5)
@@ -130,7 +130,7 @@ def build(runs, paper, out_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return report.main(argv, doc=__doc__, stem="table8", make_target="reproduce-table8", build=build)
+    return report.main(argv, doc=__doc__, stem="table8", make_target="reproduce-table8", build=build, needs=NEEDS)
 
 
 if __name__ == "__main__":

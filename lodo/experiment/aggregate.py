@@ -3,9 +3,11 @@
 Gathers every run folder under DIR, however deep (a run folder is one with
 ``config.yaml``: a single run, a multirun's jobs, copies from a cluster),
 and writes ``aggregate.csv``, ``aggregate.md`` and ``aggregate_curves.{png,pdf}``
-to OUT (default: DIR). A run that is unfinished or crashed (no
-``summary.json``, ``completed`` false, unreadable JSON) is skipped with one
-line saying why. Reads files only: nothing is trained.
+to OUT (default: DIR). A run that is unfinished, crashed or damaged (no
+``summary.json``, ``completed`` false, unreadable JSON, a summary without
+the fields a row needs) is skipped with one line saying why. An OUT that
+cannot be written is refused before any work, and the outputs appear only
+once all of them are complete. Reads files only: nothing is trained.
 
 Columns: task, optimizer, the hyperparameters that differ between the runs
 of one optimizer (and the task options that differ between runs of one
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lodo.experiment.report import cell, label, markdown_table, order_key, pyplot, save_figure, write_table
-from lodo.experiment.summary import upgrade as upgrade_summary
+from lodo.experiment.report import (CSV_COLUMNS, ReportError, cell, label, markdown_table, order_key, output_problem,
+                                    pyplot, read_csv, read_summary, save_figure, staged, write_error, write_table)
 
 NOT_RUN_FOLDERS = {"checkpoints", "tb"}  # inside a run folder; hidden folders (.hydra, .submitit) are skipped too
 
@@ -39,22 +41,6 @@ def run_folders(root: Path) -> list[Path]:
         if "config.yaml" in files:
             found.append(Path(folder))
     return sorted(found)
-
-
-def read_summary(folder: Path) -> tuple[dict | None, str | None]:
-    """The run's summary, or None and why it is skipped."""
-    path = folder / "summary.json"
-    if not path.exists():
-        return None, "no summary.json (unfinished or crashed)"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return None, f"unreadable summary.json ({' '.join(str(err).split())})"
-    if not isinstance(summary, dict):
-        return None, "unreadable summary.json (not a JSON object)"
-    if summary.get("completed") is False:
-        return None, "not completed (summary.json says completed: false)"
-    return upgrade_summary(summary), None
 
 
 def number(summary: dict, key: str):
@@ -85,7 +71,7 @@ def rows(root: Path, runs: list[tuple[Path, dict]]) -> pd.DataFrame:
         steps_per_s = steps / train_time if steps and train_time else None  # one model's (one seed's) steps/s
         records.append({
             "folder": str(folder.relative_to(root)) if folder != root else ".",
-            "task": s.get("task", "?"), "optimizer": s.get("optimizer", "?"),
+            "task": s["task"], "optimizer": s["optimizer"],  # read_summary made sure of both
             "hyperparameters": s.get("hyperparameters") or {}, "task_options": s.get("task_options") or {},
             "steps": steps, "seeds": num_seeds,
             "loss_mean": number(s, "loss_final_mean"),
@@ -139,11 +125,11 @@ def curves_figure(root: Path, frame: pd.DataFrame, out_dir: Path) -> list[str]:
     for ax, task in zip(axes[0], tasks):
         for _, r in frame[frame.task == task].iterrows():
             try:
-                curve = pd.read_csv(root / r.folder / "curve.csv")
-                mean = curve.dropna(subset=["loss"]).groupby("step").loss.mean()
-            except (OSError, ValueError, KeyError, pd.errors.ParserError):
+                curve = read_csv(root / r.folder / "curve.csv", CSV_COLUMNS["curve.csv"], "")
+            except ReportError:
                 unreadable.append(r.folder)
                 continue
+            mean = curve.dropna(subset=["loss"]).groupby("step").loss.mean()
             name = label(r.optimizer) + ("" if r.key_hyperparameters == "–" else f" ({r.key_hyperparameters})")
             ax.plot(mean.index, mean.values, label=name, linewidth=1.2)
         ax.set_title(task)
@@ -167,9 +153,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = args.dir
     if not root.is_dir():
-        print(f"error: {root} is not a folder; pass the folder that holds the runs (e.g. multirun/ or runs/table1)",
-              file=sys.stderr)
-        return 2
+        return fail(f"{root} is not a folder; pass the folder that holds the runs (e.g. multirun/ or runs/table1)")
+    out_dir = args.out or root
+    what = "--out" if args.out else "DIR (the default --out)"
+    problem = output_problem(out_dir, what)
+    if problem:
+        return fail(problem)
     runs = []
     for folder in run_folders(root):
         summary, reason = read_summary(folder)
@@ -178,19 +167,28 @@ def main(argv=None) -> int:
         else:
             runs.append((folder, summary))
     if not runs:
-        print(f"error: no finished run folder (config.yaml and a completed summary.json) under {root}",
-              file=sys.stderr)
-        return 2
-    out_dir = args.out or root
+        return fail(f"no finished run folder (config.yaml and a completed summary.json) under {root}")
     frame = rows(root, runs)
     table = markdown(frame)
-    write_table(out_dir, "aggregate", frame, table)
-    for folder in curves_figure(root, frame, out_dir):
+    stage = None
+    try:
+        with staged(out_dir) as stage:
+            write_table(stage, "aggregate", frame, table)
+            unreadable = curves_figure(root, frame, stage)
+    except OSError as err:
+        return fail(write_error(err, stage, out_dir, "--out"))
+    for folder in unreadable:
         print(f"no learning curve for {root / folder}: curve.csv is missing or unreadable", file=sys.stderr)
     print(table, end="")
     print(f"wrote {out_dir / 'aggregate.csv'}, {out_dir / 'aggregate.md'}, {out_dir / 'aggregate_curves.png'}",
           file=sys.stderr)
     return 0
+
+
+def fail(message: str) -> int:
+    """One ``error:`` line on stderr; the exit status 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

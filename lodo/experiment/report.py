@@ -1,7 +1,7 @@
 """What every table and figure script shares (SPEC §5); reports read run folders and never train.
 
 - ``load_runs``: the finished run folders (with ``summary.json``) under a
-  directory; unfinished or crashed ones are skipped and named, never fatal.
+  directory; unfinished, crashed or damaged ones are skipped and named, never fatal.
 - ``cell``: "mean ± std", "diverged (k/8)" when every seed diverged, and
   "(k/8 diverged)" after the mean of the others otherwise.
 - ``markdown_table``/``latex_table``, ``write_table`` (CSV + Markdown +
@@ -9,14 +9,21 @@
   killed midway leaves the previous complete files.
 - ``main``: the command line every ``scripts/report_*.py`` has
   (``RUNS_DIR OUT_DIR [--paper CSV] [--readme README.md]``).
+- ``output_problem`` and ``staged``: an output folder is checked before any
+  work, and the outputs are built in a hidden folder inside it and moved in
+  only once all of them are complete, so a report that fails writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +33,7 @@ import pandas as pd
 
 from lodo.experiment import registry
 from lodo.experiment.outputs import atomic_write_text, write_csv
+from lodo.experiment.summary import problems as summary_problems
 from lodo.experiment.summary import upgrade as upgrade_summary  # old image summaries in today's keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +42,16 @@ PAPER_DIR = ROOT / "results" / "paper"
 # Row order and labels are declared by each optimizer's YAML (``lodo.experiment.registry``).
 label = registry.label
 order_key = registry.order_key
+
+
+class ReportError(ValueError):
+    """A damaged file that a report reads, or an output it cannot write: one line naming it and the fix."""
+
+
+# Columns a report reads from a run's CSV files, and whether they must be numbers.
+CSV_COLUMNS = {"curve.csv": {"seed": True, "step": True, "train_time_s": True, "loss": True},
+               "frozen_curve.csv": {"problem": False, "seed": True, "step": True, "loss": True},
+               "trajectory.csv": {"seed": True, "step": True, "theta_0": True, "theta_1": True}}
 
 
 @dataclass
@@ -63,18 +81,73 @@ class Run:
         return self.read_csv("curve.csv")
 
     def read_csv(self, filename: str) -> pd.DataFrame:
-        return pd.read_csv(self.folder / filename)
+        """The run's CSV file with the columns the reports read (``CSV_COLUMNS``), else a ``ReportError``."""
+        return read_csv(self.folder / filename, CSV_COLUMNS.get(filename, {}),
+                        f"move {self.folder} out of the runs folder, or run it again")
 
 
-def load_runs(runs_dir: Path) -> tuple[list[Run], list[str]]:
-    """Finished runs under ``runs_dir`` (one folder each) and the names of the folders skipped."""
+def read_csv(path: Path, columns: dict, fix: str) -> pd.DataFrame:
+    """``path`` parsed, with ``columns`` (name -> must be numeric) present, else a one-line ``ReportError``."""
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ReportError(f"{path} is missing: {fix}") from None
+    except (OSError, ValueError) as err:  # a folder, no permission, empty, not CSV, not UTF-8
+        reason = _reason(err)
+        raise ReportError(f"{path} is unreadable ({reason}): {fix}") from None
+    lacking = [c for c in columns if c not in frame.columns]
+    if lacking:
+        raise ReportError(f"{path} has no {', '.join(lacking)} column{'s' if len(lacking) > 1 else ''}: {fix}")
+    garbled = [c for c, numeric in columns.items() if numeric and not pd.api.types.is_numeric_dtype(frame[c])]
+    if garbled:
+        raise ReportError(f"{path} has values that are not numbers in {', '.join(garbled)}: {fix}")
+    return frame
+
+
+def _reason(err: Exception) -> str:
+    """An error's cause in a few words, on one line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split())[:120] or type(err).__name__
+
+
+def read_summary(folder: Path, needs: dict | None = None) -> tuple[dict | None, str | None]:
+    """The run's summary (in today's keys), or None and why the run is skipped.
+
+    ``needs``: fields the calling table reads beyond every row's (``lodo.experiment.summary.problems``).
+    """
+    path = folder / "summary.json"
+    if not os.path.lexists(path):
+        return None, "no summary.json (unfinished or crashed)"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:  # a folder, no permission, not UTF-8, not JSON
+        reason = _reason(err)
+        return None, f"unreadable summary.json ({reason})"
+    if not isinstance(summary, dict):
+        return None, "unreadable summary.json (not a JSON object)"
+    if summary.get("completed") is False:
+        return None, "not completed (summary.json says completed: false)"
+    summary = upgrade_summary(summary)
+    found = summary_problems(summary, needs)
+    if found:
+        return None, f"summary.json lacks what a table row needs ({'; '.join(found)})"
+    return summary, None
+
+
+def load_runs(runs_dir: Path, needs: dict | None = None) -> tuple[list[Run], list[str]]:
+    """Finished runs under ``runs_dir`` (one folder each) and, for each folder skipped, ``name (why)``."""
     runs, skipped = [], []
-    for folder in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        path = folder / "summary.json"
-        if not path.exists():
-            skipped.append(folder.name)
-            continue
-        runs.append(Run(folder, upgrade_summary(json.loads(path.read_text()))))
+    try:
+        folders = sorted(p for p in Path(runs_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise ReportError(f"cannot read the runs folder {runs_dir}: {err.strerror}") from None
+    for folder in folders:
+        summary, reason = read_summary(folder, needs)
+        if summary is None:
+            skipped.append(f"{folder.name} ({reason.removesuffix(' (unfinished or crashed)')})")
+        else:
+            runs.append(Run(folder, summary))
     return runs, skipped
 
 
@@ -104,7 +177,14 @@ def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}") -> str:
 
 def read_paper(path: Path) -> pd.DataFrame:
     """The paper's numbers, indexed by optimizer; empty entries (lost in our copy) are None."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False).replace("", None)
+    fix = "restore it (git checkout results/paper) or pass another with --paper"
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False).replace("", None)
+    except (OSError, ValueError) as err:
+        reason = _reason(err)
+        raise ReportError(f"{path} is unreadable ({reason}): {fix}") from None
+    if "optimizer" not in frame.columns:
+        raise ReportError(f"{path} has no optimizer column: {fix}")
     return frame.set_index("optimizer")
 
 
@@ -164,11 +244,83 @@ def save_figure(fig, out_dir: Path, stem: str, dpi: int = 130) -> None:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for ext in ("pdf", "png"):
-        tmp = out_dir / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=dpi)
-        tmp.replace(out_dir / f"{stem}.{ext}")
-    plt.close(fig)
+    try:
+        for ext in ("pdf", "png"):
+            tmp = out_dir / f".{stem}.tmp.{ext}"
+            try:
+                fig.savefig(tmp, dpi=dpi)
+                tmp.replace(out_dir / f"{stem}.{ext}")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    finally:
+        plt.close(fig)
+
+
+def output_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be (made and) written as an output folder, in one line; None if it can.
+
+    ``what`` names the setting in the message (``--out``, ``OUT_DIR``). Checked before any work:
+    a file in the way, a read-only filesystem, no permission.
+    """
+    path = Path(path)
+    fix = "pass another folder (a missing one is made)"
+    try:
+        if os.path.lexists(path) and not path.is_dir():
+            return f"{what} {path} is a file, not a folder: {fix}"
+        existing = path
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{what} {path} cannot be made: {existing} is a file, not a folder: {fix}"
+    except OSError as err:
+        return f"{what} {path} cannot be reached ({err.strerror}): {fix}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only filesystem" if _read_only(existing) else "no write permission"
+        return f"{what} {path} cannot be written ({existing}: {why}): {fix}"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def staged(out_dir: Path):
+    """A hidden folder inside ``out_dir`` to build the outputs in; they move into ``out_dir`` (each by an
+    atomic rename) only when the block succeeds, so a failure midway writes nothing, not even ``out_dir``."""
+    out_dir = Path(out_dir)
+    made = []
+    for folder in [out_dir, *out_dir.parents]:
+        if os.path.lexists(folder):
+            break
+        made.append(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging."))
+    done = False
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # the staging folder is this function's own
+        if not done:
+            for folder in made:  # deepest first; only folders this call made, and only if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def write_error(err: OSError, stage: Path | None, out_dir: Path, what: str) -> str:
+    """One line for a failed write, naming the output path (not the staging folder) and the setting ``what``."""
+    name = str(err.filename or out_dir)
+    if stage is not None:
+        name = name.replace(str(stage), str(out_dir))
+    return (f"cannot write {what} {out_dir} ({name}: {err.strerror or err}): make room or permission there, or "
+            f"pass another folder")
 
 
 def pyplot():
@@ -193,39 +345,68 @@ def paste_into_readme(readme: Path, marker: str, table_md: str) -> None:
 
 
 def main(argv, *, doc: str, stem: str, make_target: str,
-         build: Callable[[list[Run], pd.DataFrame | None, Path], str]) -> int:
+         build: Callable[[list[Run], pd.DataFrame | None, Path], str], needs: dict | None = None) -> int:
     """The shared command line: load the runs, call ``build(runs, paper, out_dir)``, print its Markdown.
 
     ``build`` writes the outputs and returns the Markdown table, which
     ``--readme`` also pastes between ``<!-- stem -->`` markers (``--marker`` names others).
+    ``needs``: the summary fields ``build`` reads beyond every row's (``lodo.experiment.summary.problems``);
+    a run without them is skipped. Every bad input is one ``error:`` line and exit status 2, with nothing written.
     """
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--paper", type=Path, default=PAPER_DIR / f"{stem}.csv",
-                        help="the paper's numbers (default: %(default)s)")
+    parser.add_argument("--paper", type=Path, help=f"the paper's numbers (default: {PAPER_DIR / (stem + '.csv')})")
     parser.add_argument("--readme", type=Path, help=f"also paste the table between <!-- {stem} --> markers here")
     parser.add_argument("--marker", default=stem,
                         help="the README markers' name, when one README shows the same table at two scales")
     parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
                                        "(e.g. that some runs shared the machine)")
     args = parser.parse_args(argv)
+    try:
+        return _main(args, stem, make_target, build, needs)
+    except ReportError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(args, stem: str, make_target: str, build, needs) -> int:
     if not args.runs_dir.is_dir():
-        print(f"error: no run folder {args.runs_dir}; run `make {make_target}` first", file=sys.stderr)
-        return 2
-    runs, skipped = load_runs(args.runs_dir)
+        raise ReportError(f"no run folder {args.runs_dir}; run `make {make_target}` first")
+    problem = output_problem(args.out_dir, "OUT_DIR")
+    if problem:
+        raise ReportError(problem)
+    if args.readme is not None:
+        if not args.readme.is_file():
+            raise ReportError(f"--readme {args.readme} is not a file: pass the README to paste the table into")
+        problem = output_problem(args.readme.resolve().parent, "the folder of --readme")
+        if problem:
+            raise ReportError(problem)
+        try:
+            args.readme.read_text()
+        except (OSError, ValueError) as err:  # no permission, not UTF-8
+            raise ReportError(f"--readme {args.readme} is unreadable ({_reason(err)}): pass a readable "
+                              f"README") from None
+    if args.paper is not None and not args.paper.is_file():
+        raise ReportError(f"--paper {args.paper} is not a file: pass the CSV of the paper's numbers, or leave "
+                          f"--paper out")
+    paper_path = args.paper or PAPER_DIR / f"{stem}.csv"
+    paper = read_paper(paper_path) if paper_path.exists() else None
+    runs, skipped = load_runs(args.runs_dir, needs)
     if skipped:
-        print(f"skipped unfinished or crashed runs: {', '.join(skipped)}", file=sys.stderr)
+        print(f"skipped unfinished or crashed runs: {'; '.join(skipped)}", file=sys.stderr)
     if not runs:
-        print(f"error: no finished run (summary.json) under {args.runs_dir}", file=sys.stderr)
-        return 2
-    paper = read_paper(args.paper) if args.paper and args.paper.exists() else None
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    table_md = build(runs, paper, args.out_dir)
-    if args.note:
-        table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
-        atomic_write_text(args.out_dir / f"{stem}.md", table_md)
-    if args.readme:
-        paste_into_readme(args.readme, args.marker, table_md)
+        raise ReportError(f"no finished run (summary.json) under {args.runs_dir}")
+    stage = None
+    try:
+        with staged(args.out_dir) as stage:
+            table_md = build(runs, paper, stage)
+            if args.note:
+                table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
+                atomic_write_text(stage / f"{stem}.md", table_md)
+        if args.readme:
+            paste_into_readme(args.readme, args.marker, table_md)
+    except OSError as err:
+        raise ReportError(write_error(err, stage, args.out_dir, "OUT_DIR")) from None
     print(table_md)
     return 0

@@ -128,6 +128,85 @@ def upgrade(summary: dict) -> dict:
     return s
 
 
+# -- what a table row needs ------------------------------------------------------------------------
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+KINDS = {  # name -> (test, what the message says is expected)
+    "name": (lambda v: isinstance(v, str) and bool(v.strip()), "a name"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "count": (lambda v: _is_integer(v) and v >= 1, "a positive integer"),
+    "natural": (lambda v: _is_integer(v) and v >= 0, "a non-negative integer"),
+    "seeds": (lambda v: isinstance(v, list) and bool(v) and all(_is_integer(x) for x in v),
+              "a non-empty list of seeds"),
+    "number": (_is_number, "a number"),
+    "number?": (lambda v: v is None or _is_number(v), "a number or null"),
+    "numbers?": (lambda v: isinstance(v, list) and all(x is None or _is_number(x) for x in v),
+                 "a list of numbers or nulls"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+    "window": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_integer(x) for x in v), "[start, stop]"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+# Every table reads these; ``summarize`` always writes them.
+ROW_FIELDS = {"task": "name", "optimizer": "name", "steps": "count", "seeds": "seeds", "diverged": "natural",
+              "loss_final_mean": "number?"}
+# Optional (older summaries lack some), but where present the tables read them as this kind; dotted keys are
+# nested (checked when their parents are objects).
+TYPED_FIELDS = {"loss_final_std": "number?", "loss_final_per_seed": "numbers?", "hyperparameters": "dict",
+                "task_options": "dict", "task_options.data": "dict", "train_time_s": "number?",
+                "seed_steps_per_s": "number?", "report_window": "window", "frozen": "dict", "cpu_sharing": "dict",
+                "test_images": "natural", "completed": "bool", "distribute": "dict", "distribute.devices": "names",
+                "time_budget": "dict",
+                "time_budget.seconds": "number", "time_budget.steps": "natural", "time_budget.diverged": "natural",
+                **{f"{block}{m}_{stat}": "number?" for block in ("", "time_budget.")
+                   for m in ("loss", "loss_final", *MILESTONE_METRICS) for stat in ("mean", "std")}}
+
+
+def _lookup(summary: dict, key: str) -> tuple[bool, object]:
+    """(present, value) of a dotted key."""
+    value = summary
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def problems(summary: dict, needs: dict | None = None) -> list[str]:
+    """Why ``summary`` (upgraded) cannot be a table row: missing or mistyped fields; empty if it can.
+
+    ``needs``: more fields a particular table reads, dotted for nested ones (``hyperparameters.beta``),
+    each with its kind (a key of ``KINDS``).
+    """
+    found = []
+    for key, kind in {**ROW_FIELDS, **(needs or {})}.items():
+        present, value = _lookup(summary, key)
+        test, expected = KINDS[kind]
+        if not present:
+            found.append(f"no {key}")
+        elif not test(value):
+            found.append(f"{key} is {_short(value)}, expected {expected}")
+    for key, kind in TYPED_FIELDS.items():
+        present, value = _lookup(summary, key)
+        test, expected = KINDS[kind]
+        if present and not test(value):
+            found.append(f"{key} is {_short(value)}, expected {expected}")
+    if not found and summary["diverged"] > len(summary["seeds"]):
+        found.append(f"diverged is {summary['diverged']}, more than its {len(summary['seeds'])} seeds")
+    return found
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 # -- the console ------------------------------------------------------------------------------------
 
 def _number(value, fmt: str) -> str:
