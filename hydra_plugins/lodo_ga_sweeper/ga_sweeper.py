@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -227,16 +228,23 @@ class GASweeper(Sweeper):
         untuned = tuple(k for k in (_plain(base.optimizer.get("tune")) or {}) if k not in space)
         install_target = self._install_target(task_name, optimizer_name, untuned)
 
+        if self.export_dir:
+            from lodo.experiment.report import output_problem
+
+            problem = output_problem(Path(str(self.export_dir)), "hydra.sweeper.export_dir")
+            if problem:
+                raise SweepError(problem)
+
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
         setup = json.loads(json.dumps({
             "task": task_name, "optimizer": optimizer_name, "arguments": list(arguments), "search_space": space,
             "center": center, "schedule": schedule.name, "population": population, "plan": plan,
             "seed": self.seed, "first_seed": self.first_seed, "score_window": self.score_window,
             "one_job_per_individual": separate, "job_overrides": self.job_overrides}))
         state_path = sweep_dir / STATE_FILE
-        state = load_state(state_path, setup)
+        state = load_state(state_path, setup)  # before anything is written: a damaged state stops the sweep
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
         if state is not None and len(state["generations"]) == len(plan):
             self._log(sweep_dir, f"all {len(plan)} generations are done; writing the results again")
         elif state is not None:
@@ -368,9 +376,19 @@ class GASweeper(Sweeper):
         if not path.is_file():
             log.warning(f"{path} is missing; its individuals score worst")
             return {}
-        curve = pd.read_csv(path)
+        try:
+            curve = pd.read_csv(path)
+            if not {"seed", "step", "loss"} <= set(curve.columns):
+                raise ValueError("no seed, step and loss columns")
+            for column in ("seed", "step", "loss"):
+                curve[column] = pd.to_numeric(curve[column])
+        except (OSError, ValueError) as err:  # a foreign or damaged file: never the sweep's end
+            log.warning(f"{path} is unreadable ({' '.join(str(err).split())[:100]}); its individuals score worst")
+            return {}
         summary = _read_json(Path(folder) / "summary.json")
-        fallback = dict(zip(summary.get("seeds") or [], summary.get("loss_final_per_seed") or []))
+        run_seeds, losses = summary.get("seeds"), summary.get("loss_final_per_seed")
+        usable = isinstance(run_seeds, list) and isinstance(losses, list) and all(type(s) is int for s in run_seeds)
+        fallback = {s: v for s, v in zip(run_seeds, losses) if type(v) in (int, float)} if usable else {}
         scores = {}
         for i in members:
             rows = curve[curve["seed"] == seeds[i]]
@@ -497,23 +515,77 @@ class GASweeper(Sweeper):
 
 
 def load_state(path: Path, setup: dict) -> Optional[dict]:
-    """The saved search state of a sweep with exactly these settings, None if there is none, else a SweepError."""
-    if not path.is_file():
+    """The saved search state of a sweep with exactly these settings, None if there is none, else a SweepError.
+
+    A damaged file (unreadable, not JSON, or JSON of another shape) is refused in one line naming it; it is
+    never replaced or deleted here, since it may hold generations that took hours.
+    """
+    aside = (f"move it aside (e.g. to {path.name}.damaged) to start the sweep afresh in this folder, or give a new "
+             f"hydra.sweep.dir")
+    if not os.path.lexists(path):
         return None
-    state = json.loads(path.read_text())
-    if state.get("format") != STATE_FORMAT or state.get("setup") != setup:
-        stored = state.get("setup") or {}
-        differ = sorted(k for k in set(setup) | set(stored) if stored.get(k) != setup.get(k)) or ["format"]
-        raise SweepError(f"{path} holds a GA sweep with other settings ({', '.join(differ)}); continue it with the "
-                         f"same command, or give a new hydra.sweep.dir")
+    if not path.is_file():
+        raise SweepError(f"{path} is not a file (a folder or a broken link), so the sweep cannot keep its state "
+                         f"there: {aside}")
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise SweepError(f"cannot read {path} ({err.strerror}): make it readable to continue the sweep, or "
+                         f"{aside}") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON (a truncated write, garbage)
+        reason = " ".join(str(err).split())[:100] or type(err).__name__
+        raise SweepError(f"{path} is damaged (not JSON: {reason}): {aside}") from None
+    if not isinstance(state, dict):
+        raise SweepError(f"{path} is damaged (a JSON {type(state).__name__}, not the GA state's object): {aside}")
+    stored = state.get("setup")
+    if state.get("format") != STATE_FORMAT or stored != setup:
+        if isinstance(stored, dict) and "format" in state:
+            differ = sorted(k for k in set(setup) | set(stored) if stored.get(k) != setup.get(k)) or ["format"]
+            raise SweepError(f"{path} holds a GA sweep with other settings ({', '.join(differ)}); continue it with "
+                             f"the same command, or give a new hydra.sweep.dir")
+        raise SweepError(f"{path} is damaged (no format and setup of a GA sweep): {aside}")
+    problem = state_problem(state, setup)
+    if problem:
+        raise SweepError(f"{path} is damaged ({problem}): {aside}")
     return state
+
+
+def state_problem(state: dict, setup: dict) -> Optional[str]:
+    """What in a state (whose setup matches) a resumed sweep could not use; None if nothing."""
+    dims, population, plan = len(setup["search_space"]), setup["population"], setup["plan"]
+
+    def numbers(value, length, nullable=False):
+        return isinstance(value, list) and len(value) == length and all(
+            (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+
+    def rows(value):
+        return isinstance(value, list) and len(value) == population and all(numbers(r, dims) for r in value)
+
+    if not numbers(state.get("mean"), dims):
+        return f"mean is not a list of {dims} numbers"
+    jobs = state.get("jobs_launched")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        return "jobs_launched is not a non-negative integer"
+    generations = state.get("generations")
+    if not isinstance(generations, list) or len(generations) > len(plan):
+        return f"generations is not a list of at most {len(plan)} records"
+    for g, record in enumerate(generations):
+        if not isinstance(record, dict) or record.get("generation") != g:
+            return f"generations[{g}] is not the record of generation {g}"
+        if not (numbers(record.get("mean"), dims) and rows(record.get("z")) and rows(record.get("values"))
+                and numbers(record.get("scores"), population, nullable=True)
+                and numbers(record.get("seeds"), population)):
+            return (f"generations[{g}] lacks its mean, z, values, scores or seeds for {population} individuals "
+                    f"and {dims} hyperparameters")
+    return None
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _now() -> str:
