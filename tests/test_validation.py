@@ -148,7 +148,7 @@ def test_any_value_of_any_setting_is_accepted_or_refused_in_one_line_naming_it(p
     keys = [k for k in config._flatten({g: plain[g] for g in ("task", "optimizer")})
             if k.split(".")[1] not in registry.OPTIMIZER_META_KEYS + registry.TASK_META_KEYS and "${" not in
             str(_plain(plain, k))]
-    keys += [k for k in config.RUN_LIMITS if k.split(".")[0] in plain]
+    keys += [k for k in config.RUN_LIMITS if config._lookup(cfg, k) is not config._MISSING]
     key = data.draw(st.sampled_from(sorted(keys)))
     refused_in_one_line(put(cfg, key, value), key)
 

@@ -28,7 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from hydra._internal.utils import get_args_parser  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from lodo.experiment import config, gpus, outputs, registry, run_folder  # noqa: E402
@@ -157,9 +158,42 @@ def hydra_error(err: BaseException) -> str | None:
     return "; ".join(parts)
 
 
+def preflight(argv: list[str]) -> None:
+    """A single run's settings and folder, checked before Hydra creates anything.
+
+    Hydra makes the run folder (and writes ``.hydra/`` and ``run.log`` into it) before ``main`` runs, so
+    a run refused there would still leave a folder, or Hydra's files in a user's folder. For a single run
+    the config is composed here first, with the same overrides; a multirun's jobs are checked one by one
+    in ``main``, and anything Hydra itself refuses is left for Hydra to report.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return
+    if (args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+            or args.config_path or args.config_name or args.config_dir or args.experimental_rerun):
+        return
+    try:
+        with initialize_config_dir(str(registry.CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(args.overrides), return_hydra_config=True)
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            return
+        out_dir = Path(cfg.hydra.run.dir)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    except Exception:  # noqa: BLE001 - Hydra's own refusal, reported by Hydra's path in cli()
+        return
+    config.validate(cfg)
+    run_folder.refuse_foreign(out_dir.absolute())
+
+
 def cli() -> None:
     try:
         config.check_group_choices(sys.argv[1:])
+        preflight(sys.argv[1:])
     except ConfigError as err:
         fail(str(err))
     # Hydra prints its own errors over several lines unless HYDRA_FULL_ERROR is set, in which case it

@@ -87,6 +87,17 @@ def _foreign(out_dir: Path) -> list[str]:
             if e.name not in STARTUP_NAMES and not (e.suffix == ".log" and e.is_file())]
 
 
+def refuse_foreign(out_dir: Path) -> None:
+    """``FolderError`` if the folder holds files and cannot be proved the runner's own (see the module)."""
+    if is_runners(out_dir):
+        return
+    foreign = _foreign(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise FolderError(f"{out_dir} is not a run folder of this runner (it holds {shown}); nothing in "
+                          f"it was changed: {WHERE_ELSE}, or an empty or new one")
+
+
 class Claim:
     """The run folder, proved the runner's and locked, for a ``with`` block (see ``claim``)."""
 
@@ -96,12 +107,7 @@ class Claim:
 
     def __enter__(self) -> "Claim":
         out_dir = self.out_dir
-        if not is_runners(out_dir):
-            foreign = _foreign(out_dir)
-            if foreign:
-                shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-                raise FolderError(f"{out_dir} is not a run folder of this runner (it holds {shown}); nothing in "
-                                  f"it was changed: {WHERE_ELSE}, or an empty or new one")
+        refuse_foreign(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         if not (out_dir / MARKER).is_file():
