@@ -46,6 +46,8 @@ BEFORE_TENSORFLOW = {
     "unknown_checkpoint_key": (["+checkpoint.every=5"], "unknown setting 'checkpoint.every'; checkpoint has"),
     "malformed_override": (["steps=["], "malformed override 'steps=['"),
     "empty_run_dir": (["hydra.run.dir="], "hydra.run.dir is empty; give a folder"),
+    "refused_at_the_default_folder": (["steps=0"], "steps must be a positive integer"),  # outputs/… is not made
+    "a_users_folder": ([], "is not a run folder of this runner (it holds notes.txt); nothing in it was changed"),
     # run settings: non-finite, huge, wrong type, out of range
     "steps_zero": (["steps=0"], "steps must be a positive integer, got 0 (e.g. steps=1000)"),
     "steps_negative": (["steps=-5"], "steps must be a positive integer, got -5"),
@@ -168,13 +170,16 @@ def results(tmp_path_factory):
     folders = {name: tmp / name for name in CASES}
     folders["unwritable_output_folder"] = unwritable_folder(tmp)
     folders["corrupted_checkpoint"] = corrupted_run(tmp)
+    folders["a_users_folder"].mkdir()
+    (folders["a_users_folder"] / "notes.txt").write_text("a user's file\n")
     workdir = tmp / "workdir"  # the runs' working directory: relative paths (outputs/, results/) land here
     workdir.mkdir()
     before = snapshot(ROOT / "results")
 
     def arguments(name):
         args, _ = CASES[name]
-        return args if name == "empty_run_dir" else [*args, f"hydra.run.dir={folders[name]}"]
+        own_folder = name not in ("empty_run_dir", "refused_at_the_default_folder")
+        return [*args, f"hydra.run.dir={folders[name]}"] if own_folder else args
 
     def run(name):
         return name, cli(*arguments(name), cwd=workdir)
@@ -209,6 +214,8 @@ def test_bad_input_is_one_error_line_and_exit_status_2(results, name):
     folder = results["folders"][name]
     if name == "corrupted_checkpoint":
         assert "checkpoint.resume=false" in lines[0] and str(folder / "checkpoints") in lines[0]
+    elif name == "a_users_folder":  # not even Hydra's .hydra/ and run.log were added
+        assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     else:
         assert not folder.exists(), f"a rejected run left {sorted(p.name for p in folder.iterdir())}"
 
