@@ -52,8 +52,12 @@ def hyperparameters(values: dict) -> str:
 
 
 def summary(folder: Path):
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The run's summary, None if there is none or it cannot be read (the row then says so)."""
+    try:
+        found = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("loss_final_mean"), (int, float)) else None
 
 
 def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -63,9 +67,14 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         task, optimizer = sweep.parent.name, sweep.name
         if task not in TASKS:
             continue  # the image-task sweeps tune lost values: there is no paper's value to compare with
-        state = json.loads(state_path.read_text())
-        plan = state["setup"]["plan"]
-        if len(state["generations"]) < len(plan) or not (sweep / "tuned.yaml").is_file():
+        try:  # a damaged state is one problem line, never a traceback (the sweeper itself refuses to resume it)
+            state = json.loads(state_path.read_text())
+            plan, generations = state["setup"]["plan"], state["generations"]
+            walls = [float(g["wall_s"]) for g in generations]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problems.append(f"{task}/{optimizer}: {state_path} cannot be read ({type(err).__name__}: {err})")
+            continue
+        if len(generations) < len(plan) or not (sweep / "tuned.yaml").is_file():
             problems.append(f"{task}/{optimizer}: sweep unfinished ({len(state['generations'])}/{len(plan)} "
                             f"generations)")
             continue
@@ -74,7 +83,6 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         if eval_ours is None or eval_paper is None:
             problems.append(f"{task}/{optimizer}: evaluation run missing")
         paper = {k: v for k, v in (eval_paper or {}).get("hyperparameters", {}).items() if k in ours}
-        walls = [g["wall_s"] for g in state["generations"]]
         loss_ours = eval_ours["loss_final_mean"] if eval_ours else math.nan
         loss_paper = eval_paper["loss_final_mean"] if eval_paper else math.nan
         rows.append({
