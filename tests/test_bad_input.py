@@ -232,8 +232,19 @@ def test_nothing_is_written_under_results(results):
 @pytest.mark.slow  # the command line in subprocesses
 def test_fresh_start_replaces_a_corrupted_checkpoint(results):
     folder = results["folders"]["corrupted_checkpoint"]
-    result = cli(*TINY, "checkpoint.resume=false", f"hydra.run.dir={folder}")
+    quiet = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    result = subprocess.run([sys.executable, "-m", "lodo.run", *TINY, "checkpoint.resume=false",
+                             f"hydra.run.dir={folder}"], cwd=ROOT, env=quiet, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The console: no line of TensorFlow's C++ or absl logging, and the run ends by saying where it went.
+    noise = [line for line in (result.stdout + result.stderr).splitlines() if LOADER_NOISE.match(line.strip())
+             or "absl" in line or "cuInit" in line or "oneDNN" in line]
+    assert noise == [], noise
+    assert result.stdout.rstrip().endswith(f"run folder: {folder}"), result.stdout
+    assert "hyperparameters: initial_lr=" in result.stdout
+    log = (folder / "run.log").read_text()
+    assert "loss over steps" in log and f"run folder: {folder}" in log  # run.log holds the console summary
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 3
     metadata = [json.loads(p.read_text()) for p in (folder / "checkpoints").glob("ckpt-*/metadata.json")]

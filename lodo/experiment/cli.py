@@ -16,14 +16,12 @@ bad command line is refused in about a second.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -32,7 +30,7 @@ from hydra._internal.utils import get_args_parser  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from lodo.experiment import config, gpus, outputs, registry, run_folder  # noqa: E402
+from lodo.experiment import config, console, gpus, outputs, registry, run_folder  # noqa: E402
 from lodo.experiment.checkpoints import CheckpointError  # noqa: E402
 from lodo.experiment.config import ConfigError  # noqa: E402
 from lodo.experiment.preemption import Interrupted, Preemption  # noqa: E402
@@ -41,8 +39,6 @@ from lodo.experiment.preemption import Interrupted, Preemption  # noqa: E402
 @hydra.main(config_path=str(registry.CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    # Hydra's logging setup passes INFO records on; TensorFlow's checkpoint writer logs one per save through absl.
-    logging.getLogger("absl").setLevel(logging.WARNING)
     return execute(cfg, out_dir)
 
 
@@ -81,8 +77,9 @@ def _execute(cfg: DictConfig, out_dir: Path, preemption: Preemption) -> dict:
     config.validate(cfg)
     if cfg.get("gpu_per_job"):
         gpus.claim_gpu()
-    with run_folder.claim(out_dir):
+    with run_folder.claim(out_dir), console.logged_to(out_dir / "run.log"):
         result = _run_in_claimed_folder(cfg, out_dir)
+        print(where_and_what(cfg, out_dir), flush=True)
     if preemption.requested:  # the signal came after the last step: the run finished, the sweep stops here
         print(f"stopped by {preemption.signal_name} after the run finished (complete in {out_dir}); "
               f"{preemption.how_it_exits()}", flush=True)
@@ -98,7 +95,8 @@ def _run_in_claimed_folder(cfg: DictConfig, out_dir: Path) -> dict:
         if finished is not None:
             print(f"already finished: {out_dir}", flush=True)
             return finished
-    # The one deferred import: TensorFlow and everything that trains.
+    # The one deferred import: TensorFlow (quietly) and everything that trains.
+    console.start_tensorflow(bool(cfg.get("verbose")))
     from lodo.experiment import distribute, job, provenance
     from tasks.image_base import DataError
 
@@ -115,6 +113,23 @@ def _run_in_claimed_folder(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(str(err)) from None
     provenance.write(out_dir, cfg, end_time=provenance.utc_now())
     return result
+
+
+def where_and_what(cfg: DictConfig, out_dir: Path) -> str:
+    """The run's last lines: its hyperparameters, the tuned file they came from, and the run folder."""
+    hyperparameters = registry.optimizer_options(cfg.optimizer)
+    shown = ", ".join(f"{k}={v}" for k, v in hyperparameters.items()) or "none"
+    tuned = registry.CONFIG_DIR / "tuned" / cfg.task.name / f"{cfg.optimizer.name}.yaml"
+    source = (f"tuned values from {_shown_path(tuned)}, then the command line" if tuned.is_file()
+              else f"{cfg.optimizer.name}'s defaults (no tuned file for {cfg.task.name}), then the command line")
+    return f"  hyperparameters: {shown} ({source})\n  run folder: {out_dir}"
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def fail(message: str):

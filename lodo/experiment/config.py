@@ -93,6 +93,7 @@ RUN_LIMITS = {
     "deterministic": ("true/false", "deterministic=true"),
     "gpu_per_job": ("true/false", "gpu_per_job=true"),
     "progress": ("true/false", "progress=false"),
+    "verbose": ("true/false", "verbose=true"),
     "artifacts": ("true/false", "artifacts=false"),
     "test_size": ("integer >= 1 or null", "test_size=1000"),
     "max_batch_size": ("integer >= 1 or null", "max_batch_size=64"),
@@ -290,7 +291,7 @@ def _check_memory(cfg) -> None:
 
 # Settings that may differ between a run and its resumption: they change how a run is watched,
 # where it runs, or how the entry is described in tables, never its numbers.
-NOT_COMPARED = ("progress", "checkpoint", "gpu_per_job", "artifacts")
+NOT_COMPARED = ("progress", "verbose", "checkpoint", "gpu_per_job", "artifacts")
 NOT_COMPARED_IN_GROUP = {"optimizer": set(registry.OPTIMIZER_META_KEYS) - {"name"},
                          "task": set(registry.TASK_META_KEYS) - {"name", "steps"}}
 

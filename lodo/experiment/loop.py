@@ -132,7 +132,9 @@ def _train(runner, checkpoint: RunCheckpoint, preemption: Preemption, *, steps, 
         losses = current.losses[-1]
         recent = loggable_mean(losses[-min(len(losses), log_every):])
         bar.update(min(steps, current.steps_done) - bar.n)
-        bar.set_postfix(loss=f"{recent:.4g}", train_s=f"{current.train_time_s:.1f}")
+        # Not the reported figure (the summary's window mean): the mean of the latest log_every steps.
+        bar.set_postfix_str(f"mean loss of the last {min(len(losses), log_every):,} steps {recent:.4g}, "
+                            f"{current.train_time_s:.1f} s training", refresh=False)
         with writer.as_default(step=current.steps_done):
             tf.summary.scalar("train/loss", recent)
         for name, tag in TB_TAGS.items():
