@@ -227,3 +227,67 @@ def test_memory_is_n_log_n_not_n_squared():
     padded = pc.padded_size(n, 4)
     assert largest <= 2 * padded * 4 * 2  # a layer's blocks times two columns: O(ñ·k), far below n²
     assert np.isfinite(step.numpy()).all()
+
+
+def test_a_masked_step_is_the_update_restricted_to_its_coordinates():
+    """One ``algorithm.update`` with a mask against dense NumPy: the hypergradient of
+    −g̃ᵀG(φ)m̃ (m̃, g̃ zero outside the mask) by central differences of the dense G, one meta-Adam
+    step, m advanced only inside the mask, and the step D G(φ') D m' (zero outside it, exactly)."""
+    n, alpha, beta, lr = 5, 0.3, 0.6, 0.01
+    pre, meta = pc.BlockPermutation(num_layers=2, block_size=2), meta_optimizers.Adam(lr)
+    state = algorithm.init(n, [3], pre, meta, tf.float64)
+    rng = np.random.default_rng(5)
+    kwargs = dict(alpha=alpha, beta=beta, preconditioner=pre, meta_optimizer=meta)
+    _, state = algorithm.update(state, rng.standard_normal((1, n)), **kwargs)  # every coordinate: m ≠ 0
+    mask = np.array([True, False, True, True, False])
+    g = rng.standard_normal(n)  # what it holds outside the mask must not matter
+    step, new = algorithm.update(state, g[None], mask=mask[None], **kwargs)
+
+    perms = state.constants[0].numpy()
+    blocks = [w.numpy() for w in state.weights]
+    m, kept_m, kept_g = state.momentum.numpy()[0], np.where(mask, state.momentum.numpy()[0], 0), np.where(mask, g, 0)
+    objective = lambda bs: -kept_g @ pc.dense_matrix(bs, perms, alpha, n)[0] @ kept_m
+    hyper, eps = [], 1e-6
+    for i, b in enumerate(blocks):
+        h = np.zeros_like(b)
+        for index in np.ndindex(b.shape):
+            up, down = [x.copy() for x in blocks], [x.copy() for x in blocks]
+            up[i][index] += eps
+            down[i][index] -= eps
+            h[index] = (objective(up) - objective(down)) / (2 * eps)
+        hyper.append(h)
+    count, firsts, seconds = 2, [x.numpy() for x in state.meta[1]], [x.numpy() for x in state.meta[2]]
+    rate = lr * np.sqrt(1 - 0.999**count) / (1 - 0.9**count)
+    phi = []
+    for b, h, f, s in zip(blocks, hyper, firsts, seconds):
+        f, s = f + (h - f) * 0.1, s + (h * h - s) * 0.001
+        phi.append(b - f * rate / (np.sqrt(s) + 1e-7))
+    for got, want, b in zip(new.weights, phi, blocks):
+        assert np.abs(want - b).max() > 1e-4  # φ moved
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-9)
+    momentum = np.where(mask, beta * m + (1 - beta) * g, m)
+    np.testing.assert_allclose(new.momentum.numpy()[0], momentum, rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(new.momentum.numpy()[0][~mask], m[~mask])  # kept bit for bit
+    want = pc.dense_matrix([p.numpy() for p in new.weights], perms, alpha, n)[0] @ np.where(mask, momentum, 0)
+    np.testing.assert_allclose(step.numpy()[0][mask], want[mask], rtol=1e-10, atol=1e-12)
+    assert not np.any(step.numpy()[0][~mask])  # exactly 0
+    full, _ = algorithm.update(state, g[None], **kwargs)
+    assert np.abs(full.numpy()[0][~mask]).min() > 1e-6  # unmasked, G mixes the others into these
+
+
+def test_keras_lodo_takes_schedules_and_rejects_bad_learning_rates():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=3, decay_rate=0.5)
+    opt = LODO(initial_lr=schedule, num_layers=2)
+    clone = LODO.from_config(opt.get_config())
+    assert isinstance(clone._learning_rate, keras.optimizers.schedules.ExponentialDecay)
+    assert clone.get_config() == opt.get_config()
+    assert isinstance(LODO(initial_lr=lambda: 0.1)._learning_rate, type(lambda: 0))
+    assert LODO(initial_lr=1).get_config()["initial_lr"] == 1.0  # an int is a number too
+    with pytest.raises(ValueError, match="^LODO initial_lr must be a finite number, got nan$"):
+        LODO(initial_lr=float("nan"))
+    with pytest.raises(ValueError, match="^LODO initial_lr must be a finite number, got 'fast'$"):
+        LODO(initial_lr="fast")
+    with pytest.raises(ValueError, match="takes its learning rate as initial_lr .* pass initial_lr=0.1$"):
+        LODO(learning_rate=0.1)
+    with pytest.raises(ValueError, match="meta_lr must be a finite number, got inf"):
+        LODO(initial_lr=schedule, meta_lr=float("inf"))

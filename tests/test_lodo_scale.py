@@ -32,8 +32,11 @@ def reference_parts(optimizer):
                                                                   optimizer.meta_lr), optimizer.beta
 
 
-def trajectories(optimizer, dtype, steps):
-    """Yields (Keras LODO state, reference state, Keras weights, reference weights) after every step."""
+def trajectories(optimizer, dtype, steps, absent=lambda step: ()):
+    """Yields (Keras LODO state, reference state, Keras weights, reference weights) after every step.
+
+    ``absent(step)``: the indices of the variables that get no gradient at that step (None for
+    Keras, the reference's ``mask`` for the functional form)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 5)).astype(dtype)
     y = np.tanh(x @ rng.standard_normal((5, 1))).astype(dtype)
@@ -48,13 +51,17 @@ def trajectories(optimizer, dtype, steps):
             loss = tf.reduce_mean(tf.square(m(x) - y))
         return tape.gradient(loss, m.trainable_variables)
 
-    for _ in range(steps):
-        optimizer.apply_gradients(zip(gradients(keras_model), keras_model.trainable_variables))
+    for t in range(steps):
+        left_out = set(absent(t))
+        grads = [None if i in left_out else g for i, g in enumerate(gradients(keras_model))]
+        optimizer.apply_gradients(zip(grads, keras_model.trainable_variables))
         flat = tf.concat([tf.reshape(g, [-1]) for g in gradients(manual)], 0)[None]
+        mask = np.concatenate([np.full(k, i not in left_out) for i, k in enumerate(sizes)])[None]
         step, state = algorithm.update(state, flat, alpha=optimizer.learning_rate, beta=beta,
-                                       preconditioner=preconditioner, meta_optimizer=meta)
+                                       preconditioner=preconditioner, meta_optimizer=meta,
+                                       mask=mask if left_out else None)
         for v, piece in zip(variables, tf.split(step[0], sizes)):
-            v.assign_sub(tf.reshape(piece, v.shape))
+            v.assign_sub(tf.reshape(piece, v.shape))  # exactly 0 outside the mask
         yield optimizer.state(), state, keras_model.get_weights(), manual.get_weights()
 
 
@@ -90,6 +97,23 @@ def test_keras_lodo_follows_the_functional_reference_in_float32():
     optimizer = LODO(**HP, num_layers=5, seed=4, plan="lean")
     for states in trajectories(optimizer, "float32", steps=6):
         assert_same(*states, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_keras_lodo_follows_the_masked_reference_when_variables_have_no_gradient(float64_keras):
+    """Steps that leave variables out (the first layer for two steps, then the last bias) follow
+    ``algorithm.update``'s mask in every segment program of the lean plan; the left-out variables'
+    weights do not move at all."""
+    optimizer = LODO(**HP, num_layers=3, seed=4, plan="lean")
+    absent = {1: (0, 1), 2: (0, 1), 4: (3,)}
+    previous = None
+    for t, states in enumerate(trajectories(optimizer, "float64", steps=6, absent=lambda t: absent.get(t, ()))):
+        assert_same(*states, rtol=1e-12, atol=1e-14)
+        weights = states[2]
+        for i in absent.get(t, ()):
+            np.testing.assert_array_equal(weights[i], previous[i])
+        previous = weights
+    assert len(optimizer.plan.segments(3)) == 2
 
 
 ABLATIONS = {
