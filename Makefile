@@ -90,6 +90,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 # the sweep folder's name at scale=cpu (configs/scale/cpu.yaml)
 CPU_RUNS = fashion_mnist_1000steps
 CPU_SCALE = scale=cpu task.dataset=fashion_mnist task.data.source=files task.data.path=$(FASHION_MNIST)
+CPU_EXPECT = --steps 1000 --seeds 1  # what the reports check every run has (the paper's scale otherwise)
 IMAGE_REPORT = $(RUN) scripts/report_images.py
 
 reproduce-table2: install  ## Table 2 + Figures 4, 9, 10: image generation on MNIST, 8 seeds x (300k steps, 50k s)
@@ -118,15 +119,15 @@ report-table4: install  ## rebuild results/table4.* and figure6.* from runs/tabl
 
 reproduce-table2-cpu: install  ## Table 2 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE); status=$$?; \
-	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
+	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) results/image_cpu --readme README.md $(CPU_EXPECT) && exit $$status
 
 reproduce-table3-cpu: install  ## Table 3 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=table3 $(CPU_SCALE); status=$$?; \
-	$(IMAGE_REPORT) table3 runs/table3/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
+	$(IMAGE_REPORT) table3 runs/table3/$(CPU_RUNS) results/image_cpu --readme README.md $(CPU_EXPECT) && exit $$status
 
 reproduce-figure5-cpu: install  ## Figure 5 at reduced scale on real Fashion-MNIST (CPU) -> results/image_cpu/
 	$(RUN) -m lodo.run experiment=figure5 $(CPU_SCALE) num_seeds=1; status=$$?; \
-	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu --readme README.md && exit $$status
+	$(IMAGE_REPORT) figure5 runs/figure5/$(CPU_RUNS) results/image_cpu --readme README.md $(CPU_EXPECT) && exit $$status
 
 # The competitiveness and samples targets at a longer reduced scale: LODO and the three standard optimizers,
 # 3,000 steps x 2 seeds (about 2 h on an idle 2-core CPU).
@@ -135,7 +136,7 @@ CPU_LONG = steps=3000 num_seeds=2 optimizer=lodo,yogi,adam,momentum
 reproduce-table2-cpu-3000: install  ## LODO vs Adam, Momentum, Yogi, 3,000 steps x 2 seeds on Fashion-MNIST (CPU) -> results/image_cpu_3000steps/
 	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE) $(CPU_LONG); status=$$?; \
 	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_3000steps results/image_cpu_3000steps \
-	  --readme README.md --marker table2_3000steps && exit $$status
+	  --readme README.md --marker table2_3000steps --steps 3000 --seeds 2 && exit $$status
 
 # The samples target at a longer reduced scale: LODO and Yogi (the best of Table 2 at 3,000 steps), 10,000 steps,
 # 1 seed, the two runs side by side on the two cores (joblib launcher), about 1.5 h on a 2-core CPU.
@@ -144,7 +145,7 @@ CPU_SAMPLES = steps=10000 num_seeds=1 eval_every=500 optimizer=lodo,yogi hydra/l
 reproduce-samples-cpu: install  ## LODO and Yogi, 10,000 steps on Fashion-MNIST (CPU), for the Figure 10 samples -> results/image_cpu_10000steps/
 	$(RUN) -m lodo.run experiment=table2 $(CPU_SCALE) $(CPU_SAMPLES); status=$$?; \
 	$(IMAGE_REPORT) table2 runs/table2/fashion_mnist_10000steps results/image_cpu_10000steps \
-	  --readme README.md --marker table2_10000steps && exit $$status
+	  --readme README.md --marker table2_10000steps --steps 10000 --seeds 1 && exit $$status
 
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status

@@ -546,7 +546,7 @@ def table1():
 
 
 def report_main(capsys, module, *argv) -> tuple[int, list[str]]:
-    status = module.main([str(a) for a in argv])
+    status = module.main([str(a) for a in argv] + ["--steps", "100", "--seeds", "2"])  # the hand-made runs' scale
     _, err = capsys.readouterr()
     return status, [line for line in err.splitlines() if line.strip()]
 

@@ -107,9 +107,9 @@ def test_tiny_table7_multirun_and_report(tmp_path, capsys):
     assert not (runs / "adam_10" / "trajectory.csv").exists()  # 12 parameters: no trajectory by default
     (runs / "lodo_1").mkdir()  # a job that never finished
     out = tmp_path / "results"
-    assert report_script("report_table7").main([str(runs), str(out)]) == 0
+    assert report_script("report_table7").main([str(runs), str(out), "--steps", "40", "--seeds", "2"]) == 0
     assert "skipped unfinished or crashed runs: lodo_1" in capsys.readouterr().err
-    assert report_script("report_table7").main([str(runs), str(out), "--note", "Two runs shared the CPU."]) == 0
+    assert report_script("report_table7").main([str(runs), str(out), "--note", "Two runs shared the CPU.", "--steps", "40", "--seeds", "2"]) == 0
     assert (out / "table7.md").read_text().endswith("\n\nNote: Two runs shared the CPU.\n")
 
     table = pd.read_csv(out / "table7.csv")
@@ -165,7 +165,7 @@ def test_frozen_run_records_divergence_and_matches_numpy(tmp_path, capsys):
 
     out = tmp_path / "results"
     (tmp_path / "runs" / "lodo_sgd").mkdir()
-    assert report_script("report_frozen").main([str(tmp_path / "runs"), str(out)]) == 0
+    assert report_script("report_frozen").main([str(tmp_path / "runs"), str(out), "--steps", "1", "--seeds", "2"]) == 0
     assert "skipped unfinished or crashed runs: lodo_sgd" in capsys.readouterr().err
     table = pd.read_csv(out / "frozen.csv")
     assert list(table.optimizer) == ["lodo"] and table.frozen_diverged_seeds[0] == 2
@@ -206,7 +206,7 @@ def test_rosenbrock_trajectory_and_table8_report(tmp_path, capsys):
 
     (runs / "yogi").mkdir()  # still running
     out = tmp_path / "results"
-    assert report_script("report_table8").main([str(runs), str(out)]) == 0
+    assert report_script("report_table8").main([str(runs), str(out), "--steps", "30", "--seeds", "2"]) == 0
     assert "skipped unfinished or crashed runs: yogi" in capsys.readouterr().err
     table = pd.read_csv(out / "table8.csv").set_index("optimizer")
     assert list(table.index) == ["adam", "momentum"] and "diverged" in table.columns

@@ -116,7 +116,8 @@ def test_readme_marker_option_keeps_two_scales_of_one_table_apart(tmp_path):
     write_run(tmp_path / "runs" / "adam", "adam", {0: noisy_decay(1, 3.0)})
     readme = tmp_path / "README.md"
     readme.write_text("<!-- table2 -->\nshort scale\n<!-- /table2 -->\n<!-- table2_long -->\nold\n<!-- /table2_long -->\n")
-    argv = [str(tmp_path / "runs"), str(tmp_path / "out"), "--readme", str(readme), "--marker", "table2_long"]
+    argv = [str(tmp_path / "runs"), str(tmp_path / "out"), "--readme", str(readme), "--marker", "table2_long",
+            "--steps", str(STEPS), "--seeds", "1"]
     assert report.main(argv, doc="d", stem="table2", make_target="t", build=report_images.build_table2) == 0
     text = readme.read_text()
     assert "short scale" in text and "old" not in text

@@ -153,7 +153,7 @@ def test_multirun_and_report(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("report_table1", ROOT / "scripts" / "report_table1.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)  # in this process: no second start of Python and its libraries
-    assert report.main([str(runs), str(out)]) == 0
+    assert report.main([str(runs), str(out), "--steps", "60", "--seeds", "1"]) == 0
     assert "skipped unfinished or crashed runs: crashed" in capsys.readouterr().err
     table = pd.read_csv(out / "table1.csv")
     assert list(table.optimizer) == ["adam", "momentum"]

@@ -94,6 +94,7 @@ RUN_LIMITS = {
     "gpu_per_job": ("true/false", "gpu_per_job=true"),
     "progress": ("true/false", "progress=false"),
     "verbose": ("true/false", "verbose=true"),
+    "scale_suffix": ("text", "scale_suffix=-mine"),
     "artifacts": ("true/false", "artifacts=false"),
     "test_size": ("integer >= 1 or null", "test_size=1000"),
     "max_batch_size": ("integer >= 1 or null", "max_batch_size=64"),
@@ -291,7 +292,7 @@ def _check_memory(cfg) -> None:
 
 # Settings that may differ between a run and its resumption: they change how a run is watched,
 # where it runs, or how the entry is described in tables, never its numbers.
-NOT_COMPARED = ("progress", "verbose", "checkpoint", "gpu_per_job", "artifacts")
+NOT_COMPARED = ("progress", "verbose", "scale_suffix", "checkpoint", "gpu_per_job", "artifacts")
 NOT_COMPARED_IN_GROUP = {"optimizer": set(registry.OPTIMIZER_META_KEYS) - {"name"},
                          "task": set(registry.TASK_META_KEYS) - {"name", "steps"}}
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import yaml
 
 from lodo.experiment import registry
 from lodo.experiment.outputs import atomic_write_text, write_csv
@@ -344,8 +345,33 @@ def paste_into_readme(readme: Path, marker: str, table_md: str) -> None:
     atomic_write_text(readme, head + start + "\n" + table_md + rest[rest.index(end):])
 
 
+def experiment_scale(stem: str) -> tuple[int | None, int | None]:
+    """The steps and seeds of the runs a table is made of: ``configs/experiment/<stem>.yaml``'s."""
+    try:
+        data = yaml.safe_load((registry.CONFIG_DIR / "experiment" / f"{stem}.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None, None
+    steps, seeds = data.get("steps"), data.get("num_seeds")
+    return (steps if isinstance(steps, int) else None), (seeds if isinstance(seeds, int) else None)
+
+
+def check_scale(runs: list[Run], stem: str, steps: int | None, seeds: int | None, other_steps: dict) -> None:
+    """Refuse runs made at another scale than the table's: a smoke run must never become the paper's table."""
+    wrong = []
+    for run in runs:
+        want = other_steps.get(run.optimizer, steps)
+        if (want is not None and run.summary.get("steps") != want) or (seeds is not None and run.num_seeds != seeds):
+            wrong.append(f"{run.folder} ran {run.summary.get('steps')} steps x {run.num_seeds} seed(s)")
+    if wrong:
+        shown = "; ".join(wrong[:2]) + (f" and {len(wrong) - 2} more" if len(wrong) > 2 else "")
+        raise ReportError(f"{shown}, but {stem} is made of runs of {steps} steps x {seeds} seeds; report runs of "
+                          f"another scale with --steps N --seeds M into an OUT_DIR of their own, or rerun them at "
+                          f"this scale")
+
+
 def main(argv, *, doc: str, stem: str, make_target: str,
-         build: Callable[[list[Run], pd.DataFrame | None, Path], str], needs: dict | None = None) -> int:
+         build: Callable[[list[Run], pd.DataFrame | None, Path], str], needs: dict | None = None,
+         other_steps: dict | None = None) -> int:
     """The shared command line: load the runs, call ``build(runs, paper, out_dir)``, print its Markdown.
 
     ``build`` writes the outputs and returns the Markdown table, which
@@ -360,17 +386,22 @@ def main(argv, *, doc: str, stem: str, make_target: str,
     parser.add_argument("--readme", type=Path, help=f"also paste the table between <!-- {stem} --> markers here")
     parser.add_argument("--marker", default=stem,
                         help="the README markers' name, when one README shows the same table at two scales")
+    default_steps, default_seeds = experiment_scale(stem)
+    parser.add_argument("--steps", type=int, default=default_steps,
+                        help=f"the steps every run must have made (default: experiment={stem}'s, {default_steps})")
+    parser.add_argument("--seeds", type=int, default=default_seeds,
+                        help=f"the seeds every run must have trained (default: experiment={stem}'s, {default_seeds})")
     parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
                                        "(e.g. that some runs shared the machine)")
     args = parser.parse_args(argv)
     try:
-        return _main(args, stem, make_target, build, needs)
+        return _main(args, stem, make_target, build, needs, other_steps or {})
     except ReportError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
-def _main(args, stem: str, make_target: str, build, needs) -> int:
+def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) -> int:
     if not args.runs_dir.is_dir():
         raise ReportError(f"no run folder {args.runs_dir}; run `make {make_target}` first")
     problem = output_problem(args.out_dir, "OUT_DIR")
@@ -397,6 +428,7 @@ def _main(args, stem: str, make_target: str, build, needs) -> int:
         print(f"skipped unfinished or crashed runs: {'; '.join(skipped)}", file=sys.stderr)
     if not runs:
         raise ReportError(f"no finished run (summary.json) under {args.runs_dir}")
+    check_scale(runs, stem, args.steps, args.seeds, other_steps)
     stage = None
     try:
         with staged(args.out_dir) as stage:
