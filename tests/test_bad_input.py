@@ -41,7 +41,10 @@ BEFORE_TENSORFLOW = {
     "unknown_distribute": (["distribute=foo"], "unknown distribute 'foo'; valid distribute names:"),
     "unknown_scale": (["scale=huge"], "unknown scale 'huge'; valid scale names:"),
     "unknown_launcher": (["hydra/launcher=nope"], "valid hydra/launcher options: basic, joblib"),
-    "unknown_key_without_plus": (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
+    "unknown_key_without_plus": (["optimizer.foo=1"], "optimizer 'lodo' has no hyperparameter 'foo'; its "
+                                                       "hyperparameters: initial_lr, meta_lr, beta"),
+    "unknown_task_option": (["experiment=table8", "task.dim=3"], "task 'rosenbrock' has no option 'dim'; its options: "
+                                                                 "start, scale, window"),
     "unknown_top_level_key": (["+foo.bar=1"], "unknown setting 'foo'; the settings are"),
     "unknown_checkpoint_key": (["+checkpoint.every=5"], "unknown setting 'checkpoint.every'; checkpoint has"),
     "malformed_override": (["steps=["], "malformed override 'steps=['"),

@@ -16,6 +16,7 @@ bad command line is refused in about a second.
 from __future__ import annotations
 
 import errno
+import re
 import os
 import signal
 import sys
@@ -151,6 +152,11 @@ def hydra_error(err: BaseException) -> str | None:
         return None
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
+    unknown = re.search(r"Could not override '(optimizer|task)\.([\w.]+)'", str(err))
+    if unknown:
+        said = unknown_setting(unknown.group(1), unknown.group(2), sys.argv[1:])
+        if said:
+            return said
     parts = []
     texts = [str(err)] + ([str(err.__cause__)] if isinstance(err.__cause__, OmegaConfBaseException) else [])
     for text in texts:
@@ -203,6 +209,23 @@ def preflight(argv: list[str]) -> None:
         return
     config.validate(cfg)
     run_folder.refuse_foreign(out_dir.absolute())
+
+
+def unknown_setting(group: str, key: str, argv: list[str]) -> str | None:
+    """``optimizer.learning_rate=0.1`` for LODO: name the optimizer (or task) and list what it does take."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+        others = [o for o in args.overrides if not o.lstrip("+~").startswith(f"{group}.{key}=")]
+        with initialize_config_dir(str(registry.CONFIG_DIR), version_base="1.3"):
+            name = compose("config", overrides=others)[group].name
+        entry = registry.optimizer(name) if group == "optimizer" else registry.task(name)
+    except Exception:  # noqa: BLE001 - then Hydra's own words
+        return None
+    what = "hyperparameter" if group == "optimizer" else "option"
+    return (f"{group} {name!r} has no {what} {key!r}; its {what}s: {', '.join(entry.defaults) or 'none'} "
+            f"(+{group}.{key}=… adds one its YAML does not list, if its code takes it)")
 
 
 def cli() -> None:
