@@ -109,3 +109,30 @@ def test_nothing_to_aggregate_is_an_error(tmp_path, capsys):
     fake_run(tmp_path / "only" / "crashed", None)
     assert aggregate.main([str(tmp_path / "only")]) == 2
     assert "error: no finished run folder" in capsys.readouterr().err
+
+
+def test_jobs_that_differ_only_by_seed_pool_into_one_row(tmp_path):
+    """A 2-optimizer x 3-seed sweep (-m optimizer=adam,lodo seed=0,1,2 num_seeds=1) gives 2 rows of 3 seeds."""
+    root = tmp_path / "multirun"
+    finals = {"adam": [4.0, 5.0, 9.0], "lodo": [1.0, 2.0, None]}
+    for name, values in finals.items():
+        for seed, value in enumerate(values):
+            s = summary(name, 0.1, [value])
+            s["seeds"] = [seed]
+            fake_run(root / f"optimizer={name},seed={seed}", s)
+    diverging = {**summary("momentum", 5.0, [1.0, 1.0]), "loss_final_per_seed": [None, None], "diverged": 2,
+                 "loss_final_mean": None, "loss_final_std": None}
+    fake_run(root / "momentum", diverging, curve=False)
+    curve = pd.DataFrame([(s, t, 1.0, 10.0 ** t) for s in range(2) for t in range(10, 101, 10)],
+                         columns=["seed", "step", "train_time_s", "loss"])  # grows past any axis
+    curve.to_csv(root / "momentum" / "curve.csv", index=False)
+    assert aggregate.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "aggregate.csv")
+    adam, lodo = table[table.optimizer == "adam"].iloc[0], table[table.optimizer == "lodo"].iloc[0]
+    assert len(table) == 3 and adam.seeds == 3 and adam.runs == 3 and lodo.seeds == 3
+    np.testing.assert_allclose([adam.loss_mean, adam.loss_std], [np.mean([4, 5, 9]), np.std([4, 5, 9])])
+    np.testing.assert_allclose([lodo.loss_mean, lodo.loss_std], [1.5, 0.5])
+    assert lodo.diverged == 1 and table[table.optimizer == "momentum"].iloc[0].diverged == 2
+    md = (tmp_path / "out" / "aggregate.md").read_text()
+    assert "| 3 runs (aggregate.csv lists them) |" in md and "1.5 ± 0.5" in md
+    assert (tmp_path / "out" / "aggregate_curves.png").stat().st_size > 10_000

@@ -61,26 +61,54 @@ def describe(values: dict, keys) -> str:
     return ", ".join(f"{k}={values.get(k)}" for k in sorted(keys)) or "–"
 
 
+def _per_seed(s: dict) -> list:
+    """The final loss of every seed (None: diverged), from the summary (older ones: the mean per seed)."""
+    seeds = s.get("seeds") if isinstance(s.get("seeds"), list) else []
+    values = s.get("loss_final_per_seed")
+    if isinstance(values, list) and len(values) == len(seeds):
+        return [v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+                for v in values]
+    mean = number(s, "loss_final_mean")
+    return [mean] * len(seeds)
+
+
+def _pooled(values: list) -> tuple[float | None, float | None]:
+    finite = [v for v in values if v is not None]
+    if not finite:
+        return None, None
+    mean = sum(finite) / len(finite)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+
+
+def _mean(values: list):
+    found = [v for v in values if v is not None]
+    return sum(found) / len(found) if found else None
+
+
 def rows(root: Path, runs: list[tuple[Path, dict]]) -> pd.DataFrame:
-    records = []
+    """One row per group of runs that differ only by their seeds (a sweep over seed=… pools into one row)."""
+    groups: dict[tuple, list[tuple[Path, dict]]] = {}
     for folder, s in runs:
-        seeds = s.get("seeds")
-        num_seeds = len(seeds) if isinstance(seeds, list) else s.get("num_seeds")
-        steps = number(s, "steps")
-        train_time = number(s, "train_time_s")
-        steps_per_s = steps / train_time if steps and train_time else None  # one model's (one seed's) steps/s
+        key = (s["task"], s["optimizer"], json.dumps(s.get("hyperparameters") or {}, sort_keys=True),
+               json.dumps(s.get("task_options") or {}, sort_keys=True), number(s, "steps"), number(s, "batch_size"))
+        groups.setdefault(key, []).append((folder, s))
+    records = []
+    for (task, optimizer, hyperparameters, task_options, steps, batch_size), members in groups.items():
+        per_seed = [v for _, s in members for v in _per_seed(s)]
+        mean, std = _pooled(per_seed)
+        times = [number(s, "train_time_s") for _, s in members]
         records.append({
-            "folder": str(folder.relative_to(root)) if folder != root else ".",
-            "task": s["task"], "optimizer": s["optimizer"],  # read_summary made sure of both
-            "hyperparameters": s.get("hyperparameters") or {}, "task_options": s.get("task_options") or {},
-            "steps": steps, "seeds": num_seeds,
-            "loss_mean": number(s, "loss_final_mean"),
-            "loss_std": number(s, "loss_final_std"),
-            "diverged": s.get("diverged", 0) if isinstance(s.get("diverged"), int) else 0,
-            "test_loss": number(s, "test_loss_mean"),
-            "test_accuracy": number(s, "test_accuracy_mean"),
-            "steps_per_s": steps_per_s, "seed_steps_per_s": number(s, "seed_steps_per_s"),
-            "train_time_s": train_time,
+            "folder": ", ".join(str(f.relative_to(root)) if f != root else "." for f, _ in members),
+            "task": task, "optimizer": optimizer,
+            "hyperparameters": json.loads(hyperparameters), "task_options": json.loads(task_options),
+            "steps": steps, "batch_size": batch_size, "runs": len(members), "seeds": len(per_seed),
+            "loss_mean": mean, "loss_std": std, "diverged": sum(v is None for v in per_seed),
+            "test_loss": _mean([number(s, "test_loss_mean") for _, s in members]),
+            "test_accuracy": _mean([number(s, "test_accuracy_mean") for _, s in members]),
+            # one model's (one seed's) steps per second, and all seeds' together
+            "steps_per_s": _mean([steps / t if steps and t else None for t in times]),
+            "seed_steps_per_s": _mean([number(s, "seed_steps_per_s") for _, s in members]),
+            "train_time_s": _mean(times),
         })
     frame = pd.DataFrame(records)
     keys = []
@@ -89,6 +117,9 @@ def rows(root: Path, runs: list[tuple[Path, dict]]) -> pd.DataFrame:
         same_task = frame[frame.task == row.task]
         shown = {f"{k}": row.hyperparameters.get(k) for k in varying(list(same_opt.hyperparameters))}
         shown.update({f"task.{k}": row.task_options.get(k) for k in varying(list(same_task.task_options))})
+        for column in ("steps", "batch_size"):
+            if same_task[column].nunique(dropna=True) > 1:
+                shown[column] = None if pd.isna(row[column]) else int(row[column])
         keys.append(describe(shown, shown))
     frame.insert(3, "key_hyperparameters", keys)
     frame["hyperparameters"] = [json.dumps(h, sort_keys=True) for h in frame.hyperparameters]
@@ -104,44 +135,86 @@ def fmt(value, spec: str = "{:.4g}") -> str:
 
 def markdown(frame: pd.DataFrame) -> str:
     tests = [c for c in ("test_loss", "test_accuracy") if frame[c].notna().any()]
-    header = ["Task", "Optimizer", "Hyperparameters", "Steps", "Seeds", "Loss", "Diverged",
-              *[{"test_loss": "Test loss", "test_accuracy": "Test accuracy"}[c] for c in tests], "Steps/s", "Run"]
+    batch = frame.batch_size.notna().any()
+    header = ["Task", "Optimizer", "Hyperparameters", "Steps", *(["Batch"] if batch else []), "Seeds", "Loss",
+              "Diverged", *[{"test_loss": "Test loss", "test_accuracy": "Test accuracy"}[c] for c in tests],
+              "Steps/s", "Runs"]
     body = []
     for _, r in frame.iterrows():
-        seeds = int(r.seeds) if r.seeds is not None and not pd.isna(r.seeds) else 0
+        seeds = int(r.seeds)
         loss = cell(r.loss_mean, r.loss_std if r.loss_std is not None else float("nan"), int(r.diverged), seeds,
                     fmt="{:.4g}")
-        body.append([r.task, label(r.optimizer), r.key_hyperparameters, fmt(r.steps, "{:,.0f}"), seeds or "–", loss,
-                     int(r.diverged), *[fmt(r[c]) for c in tests], fmt(r.steps_per_s, "{:,.0f}"), r.folder])
-    return markdown_table(header, body)
+        body.append([r.task, label(r.optimizer), r.key_hyperparameters, fmt(r.steps, "{:,.0f}"),
+                     *([fmt(r.batch_size, "{:,.0f}")] if batch else []), seeds or "–", loss, int(r.diverged),
+                     *[fmt(r[c]) for c in tests], fmt(r.steps_per_s, "{:,.0f}"),
+                     r.folder if r.runs == 1 else f"{r.runs} runs (aggregate.csv lists them)"])
+    note = ("\nLoss: the final training loss (the task's report window), mean ± std over the seeds that did not "
+            "diverge, pooled over the runs of a row (runs that differ only by their seeds).\n")
+    return markdown_table(header, body) + note
+
+
+SMOOTHING = 0.02  # the curves' rolling mean spans this fraction of each curve's points (at least 1)
+CLIP = 10.0  # a panel's axis stops at this many times the highest loss of a run with no diverged seed
 
 
 def curves_figure(root: Path, frame: pd.DataFrame, out_dir: Path) -> list[str]:
-    """Mean learning curve over seeds of every run, one panel per task; the runs without a readable curve."""
+    """Each row's learning curve (mean over its seeds and runs, smoothed), one panel per task, on a log axis
+    where the losses allow; a curve that leaves the axis (diverged) ends in a marker. Returns the runs
+    without a readable curve."""
     plt = pyplot()
     tasks = list(dict.fromkeys(frame.task))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     unreadable = []
     for ax, task in zip(axes[0], tasks):
+        curves = []
         for _, r in frame[frame.task == task].iterrows():
-            try:
-                curve = read_csv(root / r.folder / "curve.csv", CSV_COLUMNS["curve.csv"], "")
-            except ReportError:
-                unreadable.append(r.folder)
+            parts = []
+            for folder in r.folder.split(", "):
+                try:
+                    parts.append(read_csv(root / folder / "curve.csv", CSV_COLUMNS["curve.csv"], ""))
+                except ReportError:
+                    unreadable.append(folder)
+            if not parts:
                 continue
-            mean = curve.dropna(subset=["loss"]).groupby("step").loss.mean()
+            curve = pd.concat(parts)
+            mean = curve.dropna(subset=["loss"]).groupby("step").loss.mean()  # rows without a loss: diagnostics
+            window = max(1, round(SMOOTHING * len(mean)))
+            smooth = mean.rolling(window, min_periods=1).mean()
             name = label(r.optimizer) + ("" if r.key_hyperparameters == "–" else f" ({r.key_hyperparameters})")
-            ax.plot(mean.index, mean.values, label=name, linewidth=1.2)
+            curves.append((name, smooth, int(r.diverged), int(r.seeds)))
+        def highest(c):
+            finite = c[c.map(math.isfinite)]
+            return float(finite.max()) if len(finite) else None
+
+        healthy = [h for _, c, diverged, _ in curves if not diverged for h in [highest(c)] if h is not None]
+        top = CLIP * max(healthy) if healthy else None
+        positive = all(((c > 0) | ~pd.Series(c).map(math.isfinite)).all() for _, c, _, _ in curves)
+        clipped = False
+        for name, smooth, diverged, seeds in curves:
+            values = smooth.to_numpy(dtype=float)
+            left = ~pd.Series(values).map(math.isfinite).to_numpy() | ((values > top) if top else False)
+            shown = values.copy()
+            if left.any():
+                shown[int(left.argmax()):] = float("nan")
+                clipped = True
+            suffix = f", {diverged} of {seeds} seeds diverged" if diverged else ""
+            (line,) = ax.plot(smooth.index, shown, label=name + suffix, linewidth=1.3)
+            if left.any() and top is not None:
+                x = smooth.index[max(0, int(left.argmax()) - 1)]
+                ax.plot([x], [top], marker="x", markersize=9, color=line.get_color(), clip_on=False)
         ax.set_title(task)
-        ax.set_xlabel("step")
+        ax.set_xlabel(f"step  (curves: rolling mean over {SMOOTHING:.0%} of their points"
+                      + ("; ×: where a run left the axis, diverging)" if clipped else ")"), fontsize=8)
         ax.set_ylabel("training loss (mean over seeds)")
-        if ax.lines and all((line.get_ydata() > 0).all() for line in ax.lines):
+        if curves and positive:
             ax.set_yscale("log")
-        if ax.lines:
+        if clipped and top is not None:
+            ax.set_ylim(top=top)
+        if curves:
             ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out_dir, "aggregate_curves")
-    return unreadable
+    return sorted(set(unreadable))
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ multi-seed engine or one seed's Keras model), it owns what happens between chunk
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def loggable_mean(losses) -> float:
     A runaway loss beyond float32's range becomes inf here; passed on as is, it made ``tf.summary.scalar`` raise,
     which crashed the job (in a GA generation, every individual sharing it).
     """
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every seed diverged: the mean of nothing is NaN
         return float(np.float32(np.nanmean(np.asarray(losses, dtype=np.float64))))
 
 
