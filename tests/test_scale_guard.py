@@ -58,6 +58,8 @@ def test_a_smoke_run_of_an_experiment_changes_nothing_under_results_or_the_readm
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "runs" / "table8-smoke" / "adam" / "summary.json").is_file()
     assert not (tmp_path / "runs" / "table8").exists()
+    # A smoke run keeps no checkpoint once finished (checkpoint.keep_final=false): nothing worth its size.
+    assert not list((tmp_path / "runs" / "table8-smoke").rglob("ckpt-*"))
 
     table8 = report_script("report_table8")
     # What `make report-table8` runs (there: runs/table8, results, README.md), here on copies: nothing to report.

@@ -276,8 +276,9 @@ class RunCheckpoint:
         _fsync(tmp)
 
     def prune(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` complete checkpoints."""
-        for old in self.complete()[:-keep]:
+        """Delete all but the newest ``keep`` complete checkpoints (0: all of them)."""
+        found = self.complete()
+        for old in found[:-keep] if keep > 0 else found:
             doomed = self.directory / f".tmp-delete-{old.name}-{os.getpid()}"
             os.rename(old, doomed)  # never a half-deleted folder that still looks complete
             shutil.rmtree(doomed, ignore_errors=True)

@@ -102,6 +102,7 @@ RUN_LIMITS = {
     "checkpoint.every_s": ("number in [0, 1e7]", "checkpoint.every_s=600"),
     "checkpoint.keep": ("integer >= 1", "checkpoint.keep=2"),
     "checkpoint.resume": ("true/false", "checkpoint.resume=false"),
+    "checkpoint.keep_final": ("true/false", "checkpoint.keep_final=false"),
     "frozen.steps": ("integer >= 0", "frozen.steps=20000"),
     "frozen.problem_offset": ("integer >= 0", "frozen.problem_offset=1"),
     "frozen.divergence_factor": ("number > 1", "frozen.divergence_factor=1e6"),

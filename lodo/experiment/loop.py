@@ -175,5 +175,6 @@ def _train(runner, checkpoint: RunCheckpoint, preemption: Preemption, *, steps, 
     writer.flush()
     if preemption.requested and not chunks.finished(trace, steps, time_budget_s):
         stop(trace)
-    checkpoint.prune(1)  # a finished run keeps only its final checkpoint
+    # A finished run keeps only its final checkpoint (the trained state), or none (checkpoint.keep_final=false).
+    checkpoint.prune(1 if checkpointing.get("keep_final", True) else 0)
     return trace
