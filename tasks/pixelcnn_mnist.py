@@ -264,7 +264,9 @@ class PixelCNNMNIST(ImageTask):
         for ax, image in zip(axes.flat, samples):
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             ax.set_axis_off()
-        fig.suptitle(f"{self.dataset}: 16 samples drawn pixel by pixel (seed {seed})")
+        trained_on = (f"synthetic data (random arrays shaped like {self.dataset})"
+                      if self.data.get("source") == "synthetic" else self.dataset)
+        fig.suptitle(f"{trained_on}: 16 samples drawn pixel by pixel (seed {seed})")
         written += _save(fig, out_dir / "samples")
 
         index, query = self.train_queries(seed, tf.constant(0, tf.int64))

@@ -15,6 +15,7 @@ tasks also ``trajectory.csv`` (the parameters at every step), image tasks
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import keras
@@ -148,8 +149,12 @@ def run_image_task(cfg, out_dir: Path) -> dict:
                  "batch_size": task.batch_size, "distribute": distribute.describe(strategy),
                  "num_params": runner.num_params}
         if seed == cfg.seed and cfg.get("artifacts", True):
+            print(f"seed {seed}: drawing the task's pictures (artifacts=false skips them)…", flush=True)
+            started = time.perf_counter()
             extra["artifacts"] = [str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p)
                                   for p in task.artifacts(runner.model, out_dir, seed)]
+            print(f"seed {seed}: wrote {', '.join(extra['artifacts']) or 'no pictures'} in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
         outputs.write_json(done_file, {"config": config, "trace": _jsonable_trace(trace), "extra": extra})
         traces.append(trace)
     write_config_once()

@@ -150,6 +150,12 @@ class KerasSeedRunner:
     def finish(self, trace) -> None:
         pass
 
+    @property
+    def milestone_what(self) -> str:
+        """What ``milestone`` evaluates, for the console."""
+        size = getattr(self.task, "test_size", None)
+        return f"the test set ({size:,} images)" if isinstance(size, int) else "the test set"
+
     def milestone(self) -> dict:
         """The task's test metrics at a milestone, and how long they took (never training time)."""
         started = time.perf_counter()

@@ -135,7 +135,8 @@ def _train(runner, checkpoint: RunCheckpoint, preemption: Preemption, *, steps, 
         recent = loggable_mean(losses[-min(len(losses), log_every):])
         bar.update(min(steps, current.steps_done) - bar.n)
         # Not the reported figure (the summary's window mean): the mean of the latest log_every steps.
-        bar.set_postfix_str(f"mean loss of the last {min(len(losses), log_every):,} steps {recent:.4g}, "
+        last = min(len(losses), log_every)
+        bar.set_postfix_str(f"mean loss of the last {last:,} step{'s' if last != 1 else ''} {recent:.4g}, "
                             f"{current.train_time_s:.1f} s training", refresh=False)
         with writer.as_default(step=current.steps_done):
             tf.summary.scalar("train/loss", recent)
@@ -155,7 +156,14 @@ def _train(runner, checkpoint: RunCheckpoint, preemption: Preemption, *, steps, 
                 current.train_time_s >= time_budget_s or current.all_diverged):
             reached.append("time")
         for kind in reached:
-            metrics = runner.milestone() if hasattr(runner, "milestone") and not current.all_diverged else {}
+            metrics = {}
+            if hasattr(runner, "milestone") and not current.all_diverged:
+                # Evaluation takes a while on the image tasks (the whole test set): say so, then how long it took.
+                what = "the step budget" if kind == "steps" else f"the time budget ({time_budget_s:g} s)"
+                tqdm.write(f"{label}{what} reached at step {current.steps_done:,}: evaluating "
+                           f"{getattr(runner, 'milestone_what', 'the test metrics')}…", file=sys.stdout)
+                metrics = runner.milestone()
+                tqdm.write(f"{label}evaluated in {metrics.get('eval_time_s', 0.0):.1f} s", file=sys.stdout)
             current.milestones[kind] = {"step": current.steps_done, "train_time_s": current.train_time_s, **metrics}
             with writer.as_default(step=current.steps_done):
                 for key, value in metrics.items():
