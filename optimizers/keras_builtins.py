@@ -135,7 +135,6 @@ def rmsprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7):
     return KerasOptimizer("rmsprop", keras.optimizers.RMSprop(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon))
 
 
-def keras_momentum_ema(learning_rate=0.01, momentum=0.9, **kwargs):
-    """``momentum_ema`` for a model: Keras's SGD with rate lr·(1 − μ) (see ``momentum_ema``); ``kwargs`` go to
-    ``keras.optimizers.SGD`` (``clipnorm``, ``use_ema``, ``name``, …)."""
-    return keras.optimizers.SGD(learning_rate * (1 - momentum), momentum=momentum, nesterov=False, **kwargs)
+def keras_momentum_ema(learning_rate=0.01, momentum=0.9):
+    """``momentum_ema`` for a model: Keras's SGD with rate lr·(1 − μ) (see ``momentum_ema``)."""
+    return keras.optimizers.SGD(learning_rate * (1 - momentum), momentum=momentum, nesterov=False)
