@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN := $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast reproduce-table1 report-table1 bench clean
+.PHONY: help install test test-long test-fast reproduce-table1 report-table1 bench clean
 .PHONY: reproduce-small reproduce-table7 report-table7 reproduce-frozen report-frozen reproduce-table8 report-table8
 
 help:  ## list the targets
@@ -25,12 +25,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # One pytest worker per core (pytest-xdist). --dist loadgroup hands each test to the next free worker, but
 # keeps a file marked xdist_group on one worker, so its module fixture (e.g. test_bad_input's batch of
 # command lines) runs once, not once per worker; tests/conftest.py starts the longest work first.
-test: install  ## run the test suite
-	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=15 tests
+test: install  ## run the test suite (all but the few marked long: make test-long)
+	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=15 -m "not long" tests
+
+# A minute of real processes each: kill -9 mid-run, SIGTERM, submitit's requeue, a GA sweep stopped and resumed.
+test-long: install  ## the end-to-end checks marked long (CI runs them after make test)
+	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=5 -m long tests
 
 # The inner loop: everything not marked slow (no subprocesses, no compiled image models, no end-to-end runs).
 test-fast: install  ## the tests not marked slow (the inner loop)
-	$(RUN) -m pytest -q -n auto --dist loadgroup -m "not slow" tests
+	$(RUN) -m pytest -q -n auto --dist loadgroup -m "not slow and not long" tests
 
 reproduce-table1: install  ## Table 1 + Figure 2: 8 seeds x (100k steps, 300 s) per optimizer on the bowl
 	$(RUN) -m lodo.run experiment=table1; status=$$?; $(MAKE) report-table1 && exit $$status

@@ -37,7 +37,7 @@ from tasks import data
 from tasks.image_base import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
-FEW = settings(max_examples=30, deadline=None, derandomize=True,
+FEW = settings(max_examples=15, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

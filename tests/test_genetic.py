@@ -130,6 +130,7 @@ def ga(sweep_dir, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sweep_stopped_after_two_generations_resumes_with_the_same_result(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     with ThreadPoolExecutor(max_workers=2) as pool:  # independent sweeps: side by side

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocesses: each imports TensorFlow and compiles
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # subprocesses: each imports TensorFlow and compiles
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -118,6 +118,7 @@ def read_json(path: Path):
         return None
 
 
+@pytest.mark.long
 def test_submitit_requeues_on_sigusr2_and_the_job_resumes(tmp_path):
     """SIGUSR2 (what submitit asks SLURM to send before the time limit) reaches the running job: it
     checkpoints, submitit requeues it, and the restarted job resumes from the checkpoint and finishes."""

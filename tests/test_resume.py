@@ -235,6 +235,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_kill_9_then_sigterm_then_rerun_gives_the_uninterrupted_numbers(uninterrupted, tmp_path):
     """One run interrupted both ways: SIGKILL at a random checkpoint (no handler, no last save), then SIGTERM
     during the resumed attempt (checkpoint, exit for requeueing); the third attempt finishes with the

@@ -159,8 +159,13 @@ def test_a_valid_config_is_normalized_in_place():
     assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
 
 
-def test_every_shipped_pair_and_experiment_is_valid():
-    for task, optimizer in ALL_PAIRS:
+def test_every_shipped_default_and_tuned_file_is_valid():
+    """Each optimizer's defaults (on the bowl), each task's (with LODO), and every tuned file on its pair."""
+    tuned = [(p.parent.name, p.stem) for p in (registry.CONFIG_DIR / "tuned").glob("*/*.yaml")]
+    pairs = {("noisy_quadratic_bowl", o) for o in registry.names("optimizer")} | {
+        (t, "lodo") for t in registry.names("task")} | set(tuned)
+    assert len(tuned) >= 30
+    for task, optimizer in sorted(pairs):
         validate(base(task, optimizer))
 
 
