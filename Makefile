@@ -28,7 +28,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: install  ## run the test suite (all but the few marked long: make test-long)
 	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=15 -m "not long" tests
 
-# A minute of real processes each: kill -9 mid-run, SIGTERM, submitit's requeue, a GA sweep stopped and resumed.
+# A minute of real processes each: kill -9 mid-run, SIGTERM, submitit's requeue, a GA sweep stopped and resumed,
+# model.fit under MirroredStrategy on two logical devices against one device.
 test-long: install  ## the end-to-end checks marked long (CI runs them after make test)
 	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=5 -m long tests
 

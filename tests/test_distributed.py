@@ -14,8 +14,9 @@ import pytest
 
 import two_devices
 
-# One worker runs the whole file: its module fixture is computed once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("distributed")
+# One worker runs the whole file: its module fixture is computed once (--dist loadgroup). Its two
+# MirroredStrategy processes take over a minute, so it is in make test-long.
+pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.long]
 
 FIT_SCRIPT = """
 from lodo import LODO
