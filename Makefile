@@ -29,7 +29,8 @@ test: install  ## run the test suite (all but the few marked long: make test-lon
 	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=15 -m "not long" tests
 
 # A minute of real processes each: kill -9 mid-run, SIGTERM, submitit's requeue, a GA sweep stopped and resumed,
-# model.fit under MirroredStrategy on two logical devices against one device.
+# model.fit under MirroredStrategy on two logical devices against one device, whole multiruns (joblib, Table 7,
+# a smoke run of Table 8 through its report).
 test-long: install  ## the end-to-end checks marked long (CI runs them after make test)
 	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=5 -m long tests
 

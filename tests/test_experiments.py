@@ -96,6 +96,7 @@ def test_divergence_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tiny_table7_multirun_and_report(tmp_path, capsys):
     runs = tmp_path / "runs"
     result = subprocess.run(

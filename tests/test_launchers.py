@@ -82,6 +82,7 @@ def test_launcher_configs_print_with_cfg_hydra():
     assert "SlurmLauncher" in result.stdout and "exclusive: true" in result.stdout
 
 
+@pytest.mark.long
 def test_joblib_runs_jobs_in_parallel_each_pinned_to_its_own_gpu(tmp_path):
     """Two jobs, two workers, a node with "GPUs" 3 and 5 (CPU TensorFlow ignores them: only the pinning is tested)."""
     sweep = tmp_path / "sweep"

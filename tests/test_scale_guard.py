@@ -48,6 +48,7 @@ def snapshot(*paths: Path) -> dict:
 
 
 @pytest.mark.slow  # one multirun in a subprocess
+@pytest.mark.long
 def test_a_smoke_run_of_an_experiment_changes_nothing_under_results_or_the_readme(tmp_path, capsys):
     before = snapshot(ROOT / "results", ROOT / "README.md")
     readme = tmp_path / "README.md"
