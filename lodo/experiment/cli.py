@@ -179,6 +179,14 @@ def hydra_error(err: BaseException) -> str | None:
     return "; ".join(parts)
 
 
+def _compose(overrides, return_hydra_config: bool = False) -> DictConfig:
+    """The config these command-line overrides compose to, as Hydra's ``main`` will compose it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(registry.CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def preflight(argv: list[str]) -> None:
     """A single run's settings and folder, checked before Hydra creates anything.
 
@@ -187,7 +195,6 @@ def preflight(argv: list[str]) -> None:
     the config is composed here first, with the same overrides; a multirun's jobs are checked one by one
     in ``main``, and anything Hydra itself refuses is left for Hydra to report.
     """
-    from hydra import compose, initialize_config_dir
     from hydra.types import RunMode
 
     try:
@@ -198,8 +205,7 @@ def preflight(argv: list[str]) -> None:
             or args.config_path or args.config_name or args.config_dir or args.experimental_rerun):
         return
     try:
-        with initialize_config_dir(str(registry.CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=list(args.overrides), return_hydra_config=True)
+        cfg = _compose(args.overrides, return_hydra_config=True)
         if cfg.hydra.mode == RunMode.MULTIRUN:
             return
         out_dir = Path(cfg.hydra.run.dir)
@@ -213,13 +219,9 @@ def preflight(argv: list[str]) -> None:
 
 def unknown_setting(group: str, key: str, argv: list[str]) -> str | None:
     """``optimizer.learning_rate=0.1`` for LODO: name the optimizer (or task) and list what it does take."""
-    from hydra import compose, initialize_config_dir
-
     try:
         args, _ = get_args_parser().parse_known_args(argv)
-        others = [o for o in args.overrides if not o.lstrip("+~").startswith(f"{group}.{key}=")]
-        with initialize_config_dir(str(registry.CONFIG_DIR), version_base="1.3"):
-            name = compose("config", overrides=others)[group].name
+        name = _compose([o for o in args.overrides if not o.lstrip("+~").startswith(f"{group}.{key}=")])[group].name
         entry = registry.optimizer(name) if group == "optimizer" else registry.task(name)
     except Exception:  # noqa: BLE001 - then Hydra's own words
         return None

@@ -127,8 +127,12 @@ class Limit:
             return f"a non-negative {noun.split()[-1]}{upper}"
         elif plain and self.low == 1 and not self.low_open and self.kind == "integer":
             return f"a positive integer{upper}"
+        return self._bounds(noun, low, high)
+
+    def _bounds(self, noun: str, low: str | None, high: str | None) -> str:
+        """``noun`` and the bounds as symbols ("integers >= 0", "a number in [0, 1)")."""
         if low is None:
-            return noun + upper
+            return noun + ("" if high is None else f" {'<' if self.high_open else '<='} {high}")
         if high is None:
             return f"{noun} {'>' if self.low_open else '>='} {low}"
         return f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
@@ -140,19 +144,12 @@ class Limit:
         elif self.kind == "list":
             text = (f"a list of {self.length or 'one or more'} {self.item.describe(plural=True)}"
                     + (", increasing" if self.increasing else ""))
+        elif plural:  # a list's entries: the bounds as symbols after the plural noun
+            text = self._bounds(NOUNS[self.kind][1], None if self.low is None else _number(self.low),
+                                None if self.high is None else _number(self.high))
         else:
-            text = self._range(NOUNS[self.kind][plural]) if not plural else NOUNS[self.kind][1] + self._plural_range()
+            text = self._range(NOUNS[self.kind][0])
         return text + (" or null" if self.nullable else "")
-
-    def _plural_range(self) -> str:
-        if self.low is None and self.high is None:
-            return ""
-        if self.high is None:
-            return f" {'>' if self.low_open else '>='} {_number(self.low)}"
-        if self.low is None:
-            return f" {'<' if self.high_open else '<='} {_number(self.high)}"
-        return (f" in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
-                f"{')' if self.high_open else ']'}")
 
 
 NOUNS = {"integer": ("an integer", "integers"), "number": ("a finite number", "finite numbers"),
@@ -251,16 +248,3 @@ def _float(text: str, limit: str, names: dict | None) -> float:
         return float(text)
     except ValueError:
         raise LimitSyntaxError(f"cannot read the number {text!r} in the limit {limit!r}") from None
-
-
-def check_per_seed(limit: Limit, value):
-    """A number, or a non-empty list of numbers that each meet ``limit``."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{limit.describe()}, or a non-empty list of such numbers (one per seed)")
-        try:
-            return [limit.check(v) for v in value]
-        except ValueError:
-            raise ValueError(f"{limit.describe()}, or a list of such numbers (one per seed)") from None
-    return limit.check(value)
-
