@@ -95,6 +95,46 @@ class KerasOptimizer(EngineOptimizer):
         return list(self.optimizer.variables)
 
 
+class PerSeedKeras(EngineOptimizer):
+    """One Keras optimizer per seed, each on its own ``[n]`` row: exact per seed for any Keras rule.
+
+    Sharing one Keras optimizer over the ``[S, n]`` variable is exact only for
+    element-wise rules: Lamb's trust ratio and LARS's take the norm of the whole
+    variable (all seeds), Adafactor factors a 2-D variable's second moment
+    across seeds, Muon orthogonalizes the 2-D variable. Here each seed's Keras
+    optimizer sees a 1-D variable of its own, as it would in a one-seed run,
+    and gets its own values of a per-seed hyperparameter list (a Keras class
+    takes only one number per hyperparameter). The rows are copied in and out
+    of the engine's variable each step, which costs O(S·n) and leaves the
+    engine, its checkpoints and its evaluation unchanged.
+    """
+
+    def __init__(self, name: str, make: Callable, hparams: dict):
+        self.name = name
+        self.make = make
+        self.hparams = dict(hparams)
+        self.optimizers, self.rows = [], []
+
+    def build(self, params, seeds):
+        count = len(seeds)
+        per_seed = {k: seed_values(v, count, k).tolist() for k, v in self.hparams.items() if is_per_seed(v)}
+        for i in range(count):
+            values = {**self.hparams, **{k: v[i] for k, v in per_seed.items()}}
+            self.optimizers.append(self.make(**values))
+            self.rows.append(tf.Variable(params[i], trainable=False, name=f"seed_{i}"))
+            self.optimizers[-1].build([self.rows[-1]])
+
+    def step(self, params, grad, oracle):
+        for i, (optimizer, row) in enumerate(zip(self.optimizers, self.rows)):
+            row.assign(params[i])
+            optimizer.apply([grad[i]], [row])
+        params.assign(tf.stack([row.read_value() for row in self.rows]))
+
+    @property
+    def variables(self):
+        return [v for optimizer in self.optimizers for v in optimizer.variables]
+
+
 class FunctionalOptimizer(EngineOptimizer):
     """Adapts a pure ``(init, update)`` pair: its explicit state is kept in variables."""
 

@@ -11,9 +11,9 @@ Optimizer YAML keys that describe the entry (everything else is a hyperparameter
   ``keras``     dotted path of a Keras optimizer class or factory that trains a model
                 (image tasks); null: the optimizer only runs on the small tasks;
   ``engine``    dotted path of a factory of a ``lodo.functional.EngineOptimizer`` for the
-                multi-seed engine (small tasks), or ``keras``: the Keras optimizer itself on the
-                engine's ``[S, n]`` variable, exact per seed only for element-wise rules;
-                null: image tasks only;
+                multi-seed engine (small tasks), or ``keras``: the Keras optimizer itself, one instance
+                per seed on that seed's row (``lodo.functional.PerSeedKeras``: exact per seed for any
+                rule, and per-seed hyperparameter lists work); null: image tasks only;
   ``per_seed``  the engine factory also takes each float hyperparameter as a list with one value
                 per seed (the genetic tuner then trains a whole generation in one program;
                 without it, each individual is a job of its own);
@@ -255,7 +255,7 @@ def build_task(name: str, **options):
 
 def build_engine_optimizer(name: str, **hparams):
     """The multi-seed engine's optimizer ``name`` with these hyperparameters, or a one-line ValueError."""
-    from lodo.functional import KerasOptimizer
+    from lodo.functional import PerSeedKeras
 
     entry = optimizer(name)
     if entry.engine is None:
@@ -264,8 +264,8 @@ def build_engine_optimizer(name: str, **hparams):
     hparams.pop("tune", None)
     if entry.engine == "keras":
         make = resolve(entry.keras, f"optimizer {name!r}: keras")
-        check_hyperparameters(name, hparams, _hyperparameters(make), per_seed=False)
-        return KerasOptimizer(name, make(**hparams))
+        check_hyperparameters(name, hparams, _hyperparameters(make), per_seed=entry.per_seed)
+        return PerSeedKeras(name, make, hparams)
     make = resolve(entry.engine, f"optimizer {name!r}: engine")
     check_hyperparameters(name, hparams, _hyperparameters(make), per_seed=entry.per_seed)
     return make(**hparams)
