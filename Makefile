@@ -156,6 +156,27 @@ reproduce-samples-cpu: install  ## LODO and Yogi, 10,000 steps on Fashion-MNIST 
 reproduce-images-cpu: install  ## every image-generation experiment at reduced scale on Fashion-MNIST (CPU)
 	status=0; for t in table2 table3 figure5; do $(MAKE) reproduce-$$t-cpu || status=1; done; exit $$status
 
+# Beyond the paper: the optimizers the paper did not have (Keras 3's AdamW, Nadam, Lamb, Lion, Adafactor, Muon,
+# Schedule-Free AdamW; this project's SOAP and PSGD-Kron), run beside the paper's in the same sweep folders
+# (configs/experiment/*_extended.yaml): Table 1 and Table 8 at the paper's scale, Table 2 at the reduced CPU scale.
+# Finished runs are not repeated (a rerun of a finished run folder only reports it).
+EXTENDED = results/extended
+.PHONY: reproduce-extended report-extended
+reproduce-extended: install  ## the extended Tables 1, 8 and 2 (CPU scale), paper's and newer optimizers -> results/extended/
+	status=0; \
+	for experiment in table1 table1_extended table8 table8_extended; do \
+	  $(RUN) -m lodo.run experiment=$$experiment || status=1; done; \
+	for experiment in table2 table2_extended; do \
+	  $(RUN) -m lodo.run experiment=$$experiment $(CPU_SCALE) || status=1; done; \
+	$(MAKE) report-extended && exit $$status
+
+report-extended: install  ## rebuild results/extended/ from runs/table1, runs/table8, runs/table2 without training
+	$(RUN) scripts/report_table1.py runs/table1 $(EXTENDED) --optimizers all --readme README.md --marker extended_table1
+	$(RUN) scripts/report_table8.py runs/table8 $(EXTENDED) --optimizers all --readme README.md --marker extended_table8
+	$(RUN) scripts/report_throughput.py runs/table1 $(EXTENDED)
+	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) $(EXTENDED) --optimizers all $(CPU_EXPECT) \
+	  --readme README.md --marker extended_table2
+
 # Needs internet. DATA_DIR empty: TFDS's default folder (~/tensorflow_datasets, or $TFDS_DATA_DIR), which the
 # task configs read with data_dir: null; otherwise pass task.data.data_dir=$(DATA_DIR) to the runs.
 .PHONY: data

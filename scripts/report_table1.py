@@ -31,12 +31,13 @@ def build_table(runs: dict, paper) -> pd.DataFrame:
             "optimizer": name,
             "loss_100k_mean": s["loss_final_mean"],
             "loss_100k_std": s["loss_final_std"],
-            "loss_100k": report.cell(s["loss_final_mean"], s["loss_final_std"], s["diverged"], seeds),
+            "loss_100k": report.cell(s["loss_final_mean"], s["loss_final_std"], s["diverged"], seeds,
+                                     diverged_mean=s.get("diverged_loss_mean")),
             "paper_loss_100k": report.paper_value(paper, name, "loss_100k_steps"),
             "loss_300s_mean": budget.get("loss_mean"),
             "loss_300s_std": budget.get("loss_std"),
-            "loss_300s": report.cell(budget.get("loss_mean"), budget.get("loss_std"), budget.get("diverged", 0), seeds)
-            if budget else "–",
+            "loss_300s": report.cell(budget.get("loss_mean"), budget.get("loss_std"), budget.get("diverged", 0), seeds,
+                                     diverged_mean=budget.get("diverged_loss_mean")) if budget else "–",
             "paper_loss_300s": report.paper_value(paper, name, "loss_300_s"),
             "steps_in_300s": budget.get("steps"),
             "seed_steps_per_s": s["seed_steps_per_s"],
@@ -64,7 +65,7 @@ def markdown(table: pd.DataFrame, optimum: float | None, seconds) -> str:
     if optimum is not None:
         note += f"Analytic optimum ½·tr(H)·σ² = {optimum:.3f}. "
     note += ("All seeds of an optimizer run together in one compiled program, so each seed is charged the group's "
-             "wall-clock training time.")
+             "wall-clock training time. " + report.DIVERGENCE_NOTE)
     return report.markdown_table(header, rows) + note + "\n"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lodo.experiment import report
+from lodo.experiment import report, summary
 
 # The summary fields read beyond every row's (report.main skips runs without them).
 NEEDS = {"loss_final_per_seed": "numbers?", "task_options.noise_variance": "number"}
@@ -27,7 +27,7 @@ NEEDS = {"loss_final_per_seed": "numbers?", "task_options.noise_variance": "numb
 def per_seed_ratios(run: report.Run) -> tuple[float, np.ndarray, int]:
     """(σ², loss/σ² of each seed that did not diverge, number diverged)."""
     sigma2 = float(run.task_option("noise_variance"))
-    losses = np.array([np.nan if v is None else v for v in run.summary["loss_final_per_seed"]], float)
+    losses = np.array([np.nan if v is None else v for v in summary.healthy_losses(run.summary)], float)
     return sigma2, losses[np.isfinite(losses)] / sigma2, int(run.summary["diverged"])
 
 

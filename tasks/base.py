@@ -76,6 +76,14 @@ class SmallTask:
         """Steps [start, stop) whose mean training loss is the reported figure (last 1%)."""
         return last_one_percent(steps_done)
 
+    def never_moving_loss(self, first_losses: np.ndarray, start: int, stop: int):
+        """The mean loss over steps [start, stop) of a run that never leaves θ0; a seed above it has diverged.
+
+        The default is the loss at θ0 (each seed's first loss), exact for a task whose loss at a
+        fixed point does not change with the step; a task whose loss does (the bowl) says so.
+        """
+        return first_losses
+
     # How the run's summary names ``optimum_loss`` (None: not printed, e.g. a minimum of 0 that says nothing).
     optimum_label: str | None = None
 

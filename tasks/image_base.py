@@ -52,6 +52,10 @@ class ImageTask:
         """Steps [start, stop) whose mean training loss is the reported figure (last 1%)."""
         return last_one_percent(steps_done)
 
+    def never_moving_loss(self, first_losses, start: int, stop: int):
+        """What never leaving θ0 costs (the divergence bar): the first minibatch's loss, an unbiased draw of it."""
+        return first_losses
+
     def validation_data(self) -> tf.data.Dataset | None:
         """Batches ``(x, y)`` of a fixed validation set, or None."""
         return None

@@ -78,6 +78,10 @@ class NoisyQuadraticBowl(SmallTask):
     def hessian(self, problem, params, batch):
         return problem.constants["hessian"]
 
+    def never_moving_loss(self, first_losses, start: int, stop: int) -> float:
+        """E[mean loss over steps [start, stop)] at θ0 = c0 = 0: the loss of step t sees c after t + 1 draws."""
+        return 0.5 * float(self.eigenvalues.sum()) * self.noise_variance * (start + stop + 1) / 2
+
     def optimum_loss(self):
         """Newton jumps to the current center; the next move costs ½ E[ξᵀHξ] = ½ tr(H) σ²."""
         return 0.5 * float(self.eigenvalues.sum()) * self.noise_variance

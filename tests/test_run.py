@@ -93,8 +93,8 @@ def test_bad_settings_are_one_line_errors(overrides, message):
 @pytest.mark.parametrize("argv, message", [
     (["task=mnist"], "unknown task 'mnist'; valid task names: noisy_quadratic_bowl, pixelcnn_mnist, "
                      "resnet18_cifar10, rosenbrock"),
-    (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adam, bfgs, l2lbgdbgd, lars, lbfgs, "
-                         "levenberg_marquardt, lodo, lodo_diagonal, "),
+    (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adafactor, adam, adamw, bfgs, "
+                         "l2lbgdbgd, lamb, lars, lbfgs, levenberg_marquardt, lion, lodo, lodo_diagonal, "),
     (["-m", "optimizer=adam,sgdd"], "unknown optimizer 'sgdd'"),
     (["experiment=table9"], "unknown experiment 'table9'"),
 ])

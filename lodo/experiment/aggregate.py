@@ -29,6 +29,7 @@ import pandas as pd
 
 from lodo.experiment.report import (CSV_COLUMNS, ReportError, cell, label, markdown_table, order_key, output_problem,
                                     pyplot, read_csv, read_summary, save_figure, staged, write_error, write_table)
+from lodo.experiment.summary import healthy_losses
 
 NOT_RUN_FOLDERS = {"checkpoints", "tb"}  # inside a run folder; hidden folders (.hydra, .submitit) are skipped too
 
@@ -61,17 +62,6 @@ def describe(values: dict, keys) -> str:
     return ", ".join(f"{k}={values.get(k)}" for k in sorted(keys)) or "–"
 
 
-def _per_seed(s: dict) -> list:
-    """The final loss of every seed (None: diverged), from the summary (older ones: the mean per seed)."""
-    seeds = s.get("seeds") if isinstance(s.get("seeds"), list) else []
-    values = s.get("loss_final_per_seed")
-    if isinstance(values, list) and len(values) == len(seeds):
-        return [v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-                for v in values]
-    mean = number(s, "loss_final_mean")
-    return [mean] * len(seeds)
-
-
 def _pooled(values: list) -> tuple[float | None, float | None]:
     finite = [v for v in values if v is not None]
     if not finite:
@@ -94,7 +84,7 @@ def rows(root: Path, runs: list[tuple[Path, dict]]) -> pd.DataFrame:
         groups.setdefault(key, []).append((folder, s))
     records = []
     for (task, optimizer, hyperparameters, task_options, steps, batch_size), members in groups.items():
-        per_seed = [v for _, s in members for v in _per_seed(s)]
+        per_seed = [v for _, s in members for v in healthy_losses(s)]
         mean, std = _pooled(per_seed)
         times = [number(s, "train_time_s") for _, s in members]
         records.append({

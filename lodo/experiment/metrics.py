@@ -2,8 +2,13 @@
 
 - The loss at N steps is the mean training loss over the task's report
   window ending at N (default: the last 1% of steps).
-- A seed whose loss became NaN or inf by then is diverged: it is counted,
-  and left out of the mean and standard deviation.
+- A seed has diverged when its loss became NaN or inf by then, or when its
+  window mean is worse than never moving: above what staying at θ0 would
+  have cost over the same window (``task.never_moving_loss``; on the bowl,
+  whose centre random-walks away, ½·tr(H)·σ²·(t + 1) at step t; elsewhere
+  the loss at θ0). A diverged seed is counted and left out of the mean and
+  standard deviation; the window mean of one that stayed finite is kept
+  (``diverged_loss_mean``), so a table can print it beside the verdict.
 """
 
 from __future__ import annotations
@@ -14,13 +19,39 @@ import pandas as pd
 from lodo.experiment.chunks import Trace
 
 
+NON_FINITE, WORSE_THAN_NEVER_MOVING = "non-finite", "worse than never moving"
+
+
+def never_moving(task, first_losses: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Per seed, the mean loss over steps [start, stop) of a run that stays at θ0 (the divergence bar)."""
+    bar = getattr(task, "never_moving_loss", None)
+    reference = bar(first_losses, start, stop) if bar else first_losses
+    return np.broadcast_to(np.asarray(reference, np.float64), first_losses.shape)
+
+
+def verdicts(losses: np.ndarray, window_means: np.ndarray, reference: np.ndarray) -> list:
+    """Per seed: None (healthy), ``NON_FINITE`` or ``WORSE_THAN_NEVER_MOVING``."""
+    finite = np.isfinite(losses).all(axis=0)
+    with np.errstate(invalid="ignore"):
+        worse = window_means > reference
+    return [None if ok and not bad else NON_FINITE if not ok else WORSE_THAN_NEVER_MOVING
+            for ok, bad in zip(finite, worse)]
+
+
 def loss_at(trace: Trace, task, steps: int) -> dict:
-    """Per-seed window means for the first ``steps`` steps, with divergence accounting."""
+    """Per-seed window means for the first ``steps`` steps, with divergence accounting (module docstring)."""
     losses = trace.loss_matrix()[:steps]
     start, stop = task.report_window(steps)
-    diverged = ~np.isfinite(losses).all(axis=0)
-    per_seed = np.where(diverged, np.nan, losses[start:stop].mean(axis=0))
+    window = losses[start:stop]
+    with np.errstate(invalid="ignore", over="ignore"):
+        means = window.mean(axis=0) if len(window) else np.full(losses.shape[1], np.nan)
+    finite = np.isfinite(losses).all(axis=0)
+    per_seed = np.where(finite, means, np.nan)
+    reference = never_moving(task, losses[0] if len(losses) else np.full(losses.shape[1], np.nan), start, stop)
+    verdict = verdicts(losses, per_seed, reference)
+    diverged = np.array([v is not None for v in verdict], bool)
     ok = per_seed[~diverged]
+    kept = per_seed[diverged & finite]  # diverged by the rule, yet finite: its number is worth printing
     return {
         "steps": int(steps),
         "train_time_s": float(trace.time_at_step(steps)),
@@ -29,6 +60,9 @@ def loss_at(trace: Trace, task, steps: int) -> dict:
         "loss_std": float(ok.std()) if ok.size else float("nan"),
         "loss_per_seed": per_seed.tolist(),
         "diverged": int(diverged.sum()),
+        "diverged_per_seed": verdict,
+        "diverged_loss_mean": float(kept.mean()) if kept.size else float("nan"),
+        "never_moving_loss": reference.tolist(),
     }
 
 
@@ -37,7 +71,9 @@ def pooled(results: list[dict]) -> dict:
     if len(results) == 1:
         return results[0]
     per_seed = np.array([v for r in results for v in r["loss_per_seed"]], dtype=np.float64)
-    ok = per_seed[np.isfinite(per_seed)]
+    verdict = [v for r in results for v in r["diverged_per_seed"]]
+    diverged = np.array([v is not None for v in verdict], bool)
+    ok, kept = per_seed[~diverged], per_seed[diverged & np.isfinite(per_seed)]
     return {
         "steps": max(r["steps"] for r in results),
         "train_time_s": float(np.mean([r["train_time_s"] for r in results])),
@@ -46,6 +82,9 @@ def pooled(results: list[dict]) -> dict:
         "loss_std": float(ok.std()) if ok.size else float("nan"),
         "loss_per_seed": per_seed.tolist(),
         "diverged": sum(r["diverged"] for r in results),
+        "diverged_per_seed": verdict,
+        "diverged_loss_mean": float(kept.mean()) if kept.size else float("nan"),
+        "never_moving_loss": [v for r in results for v in r["never_moving_loss"]],
     }
 
 

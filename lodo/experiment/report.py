@@ -2,7 +2,8 @@
 
 - ``load_runs``: the finished run folders (with ``summary.json``) under a
   directory; unfinished, crashed or damaged ones are skipped and named, never fatal.
-- ``cell``: "mean ± std", "diverged (k/8)" when every seed diverged, and
+- ``cell``: "mean ± std", "diverged (k/8)" when every seed diverged (": 6.49e+11" after it when
+  they stayed finite but ended worse than never moving: ``metrics``' rule), and
   "(k/8 diverged)" after the mean of the others otherwise.
 - ``markdown_table``/``latex_table``, ``write_table`` (CSV + Markdown +
   LaTeX) and ``save_figure`` (PNG + PDF), all written atomically so a report
@@ -164,10 +165,20 @@ def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}") -> str:
-    """A table entry: mean ± std of the seeds that did not diverge, with the divergence count."""
+DIVERGENCE_NOTE = ("A seed has diverged when its loss became non-finite or its reported loss is worse than never "
+                   "moving from θ0 (on the bowl ½·tr(H)·σ²·(t + 1) at step t, in expectation; elsewhere the loss at θ0); "
+                   "\"diverged (k/n): x\" gives the mean x of such seeds where they stayed finite.")
+
+
+def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}", diverged_mean=None) -> str:
+    """A table entry: mean ± std of the seeds that did not diverge, with the divergence count.
+
+    ``diverged_mean``: the mean of the diverged seeds that stayed finite (worse than never moving),
+    printed beside "diverged" when every seed diverged.
+    """
     if diverged and diverged == seeds:
-        return f"diverged ({diverged}/{seeds})"
+        beside = "" if missing(diverged_mean) else f": {diverged_mean:.3g}"
+        return f"diverged ({diverged}/{seeds}){beside}"
     if missing(mean):
         return "–"
     if abs(mean) >= 1e5:  # a loss that ran away: fixed-point digits would only be noise
@@ -355,6 +366,16 @@ def experiment_scale(stem: str) -> tuple[int | None, int | None]:
     return (steps if isinstance(steps, int) else None), (seeds if isinstance(seeds, int) else None)
 
 
+def experiment_optimizers(stem: str) -> list[str] | None:
+    """The optimizers that ``configs/experiment/<stem>.yaml`` sweeps (None: it names none)."""
+    try:
+        data = yaml.safe_load((registry.CONFIG_DIR / "experiment" / f"{stem}.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    names = ((data.get("hydra") or {}).get("sweeper") or {}).get("params", {}).get("optimizer")
+    return [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else None
+
+
 def check_scale(runs: list[Run], stem: str, steps: int | None, seeds: int | None, other_steps: dict) -> None:
     """Refuse runs made at another scale than the table's: a smoke run must never become the paper's table."""
     wrong = []
@@ -391,6 +412,8 @@ def main(argv, *, doc: str, stem: str, make_target: str,
                         help=f"the steps every run must have made (default: experiment={stem}'s, {default_steps})")
     parser.add_argument("--seeds", type=int, default=default_seeds,
                         help=f"the seeds every run must have trained (default: experiment={stem}'s, {default_seeds})")
+    parser.add_argument("--optimizers", help=f"comma-separated optimizers to report, or 'all' (default: those that "
+                                             f"experiment={stem} sweeps; the extended tables pass all)")
     parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
                                        "(e.g. that some runs shared the machine)")
     args = parser.parse_args(argv)
@@ -424,6 +447,15 @@ def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) ->
     paper_path = args.paper or PAPER_DIR / f"{stem}.csv"
     paper = read_paper(paper_path) if paper_path.exists() else None
     runs, skipped = load_runs(args.runs_dir, needs)
+    wanted = (experiment_optimizers(stem) if args.optimizers is None else None if args.optimizers.strip() == "all"
+              else [n.strip() for n in args.optimizers.split(",") if n.strip()])
+    if wanted is not None:
+        wanted = [*wanted, *other_steps]  # a declared exception (Table 7's Newton) is the table's, too
+        left_out = sorted({run.optimizer for run in runs} - set(wanted))
+        runs = [run for run in runs if run.optimizer in wanted]
+        if left_out:
+            print(f"left out (not among {stem}'s optimizers; --optimizers all reports them): {', '.join(left_out)}",
+                  file=sys.stderr)
     if skipped:
         print(f"skipped unfinished or crashed runs: {'; '.join(skipped)}", file=sys.stderr)
     if not runs:

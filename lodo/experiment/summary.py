@@ -5,12 +5,15 @@ training loss over the task's report window, diverged seeds counted and left out
 
 Keys (every run):
   task, optimizer, hyperparameters, task_options, steps (the budget), steps_done, seeds,
-  loss_final_mean, loss_final_std, loss_final_per_seed (null: diverged), report_window,
-  diverged, diverged_at_per_seed, num_params, train_time_s (training time of the first
+  loss_final_mean, loss_final_std (both over the seeds that did not diverge), loss_final_per_seed
+  (null: non-finite), report_window, diverged (seeds, by ``metrics``' rule), diverged_per_seed (null,
+  "non-finite" or "worse than never moving"), diverged_loss_mean (the finite diverged seeds' mean),
+  never_moving_loss (per seed, the rule's bar), diverged_at_per_seed (the first non-finite step), num_params, train_time_s (training time of the first
   ``steps`` steps, per seed), seed_steps_per_s (seeds x steps per second of training),
   compile_time_s, completed, cpu_sharing (if measured);
   time_budget (with ``time_budget_s``): seconds, steps, train_time_s, window, loss_mean,
-  loss_std, loss_per_seed, diverged, and the milestone metrics below;
+  loss_std, loss_per_seed, diverged, diverged_per_seed, diverged_loss_mean, never_moving_loss, and the
+  milestone metrics below;
 where the task measures them at its milestones (image tasks): test_loss_mean, test_loss_std,
   test_loss_per_seed, the same for test_accuracy, and test_images;
 where known: optimum_loss and optimum_label (the bowl's analytic optimum), hessian_error_final
@@ -76,6 +79,9 @@ def summarize(cfg, task, traces: list[Trace], *, num_params: int, completed: boo
         "loss_final_per_seed": final["loss_per_seed"],
         "report_window": final["window"],
         "diverged": final["diverged"],
+        "diverged_per_seed": final["diverged_per_seed"],
+        "diverged_loss_mean": final["diverged_loss_mean"],
+        "never_moving_loss": final["never_moving_loss"],
         "diverged_at_per_seed": [d for t in traces for d in t.diverged_at()],
         "num_params": int(num_params),
         "train_time_s": float(np.mean(times)),
@@ -128,6 +134,20 @@ def upgrade(summary: dict) -> dict:
     return s
 
 
+def healthy_losses(summary: dict) -> list:
+    """Each seed's final loss, None where it diverged (by ``metrics``' rule where the summary records the
+    verdicts; an older summary's nulls are its non-finite seeds)."""
+    seeds = summary.get("seeds") if isinstance(summary.get("seeds"), list) else []
+    values = summary.get("loss_final_per_seed")
+    if not isinstance(values, list) or len(values) != len(seeds):
+        mean = summary.get("loss_final_mean")
+        return [mean if _is_number(mean) and math.isfinite(mean) else None] * len(seeds)
+    verdicts = summary.get("diverged_per_seed")
+    verdicts = verdicts if isinstance(verdicts, list) and len(verdicts) == len(values) else [None] * len(values)
+    return [v if _is_number(v) and math.isfinite(v) and verdict is None else None
+            for v, verdict in zip(values, verdicts)]
+
+
 # -- what a table row needs ------------------------------------------------------------------------
 
 def _is_number(value) -> bool:
@@ -158,7 +178,8 @@ ROW_FIELDS = {"task": "name", "optimizer": "name", "steps": "count", "seeds": "s
               "loss_final_mean": "number?"}
 # Optional (older summaries lack some), but where present the tables read them as this kind; dotted keys are
 # nested (checked when their parents are objects).
-TYPED_FIELDS = {"loss_final_std": "number?", "loss_final_per_seed": "numbers?", "hyperparameters": "dict",
+TYPED_FIELDS = {"loss_final_std": "number?", "loss_final_per_seed": "numbers?", "diverged_loss_mean": "number?",
+                "never_moving_loss": "numbers?", "hyperparameters": "dict",
                 "task_options": "dict", "task_options.data": "dict", "train_time_s": "number?",
                 "seed_steps_per_s": "number?", "report_window": "window", "frozen": "dict", "cpu_sharing": "dict",
                 "test_images": "natural", "completed": "bool", "distribute": "dict", "distribute.devices": "names",
@@ -233,6 +254,18 @@ def _frozen_lines(f: dict) -> list[str]:
     return lines
 
 
+def _diverged_note(block: dict) -> str:
+    """"(2 seed(s) diverged: 1 non-finite, 1 worse than never moving, mean 1.4e+05)" or nothing."""
+    count = block.get("diverged")
+    if not count:
+        return ""
+    verdicts = [v for v in block.get("diverged_per_seed") or [] if v]
+    kinds = ", ".join(f"{verdicts.count(k)} {k}" for k in dict.fromkeys(verdicts))
+    beside = block.get("diverged_loss_mean")
+    beside = f", mean {beside:.3g}" if _is_number(beside) and math.isfinite(beside) else ""
+    return f"   ({count} seed(s) diverged{': ' + kinds if kinds else ''}{beside})"
+
+
 def format_summary(summary: dict) -> str:
     """The console summary of a run; any key may be missing or null (an old or a diverged run)."""
     s = upgrade(summary)
@@ -243,7 +276,7 @@ def format_summary(summary: dict) -> str:
              f"({_number(s.get('seed_steps_per_s'), ',.1f')} seed-steps/s), "
              f"{_number(s.get('num_params'), ',')} parameters",
              f"  loss over steps {window[0]}-{window[1]}: {_pm(s.get('loss_final_mean'), s.get('loss_final_std'))}"
-             + (f"   ({s['diverged']} seed(s) diverged)" if s.get("diverged") else "")]
+             + _diverged_note(s)]
     for key, name in (("test_loss", "test loss"), ("test_accuracy", "test accuracy")):
         if f"{key}_mean" in s:
             lines.append(f"  {name}: {_pm(s[f'{key}_mean'], s.get(f'{key}_std'), '.4g')}")
@@ -253,7 +286,7 @@ def format_summary(summary: dict) -> str:
                 f"loss {_pm(b.get('loss_mean'), b.get('loss_std'))}")
         if "test_loss_mean" in b:
             line += f", test loss {_pm(b['test_loss_mean'], b.get('test_loss_std'), '.4g')}"
-        lines.append(line + (f"   ({b['diverged']} diverged)" if b.get("diverged") else ""))
+        lines.append(line + _diverged_note(b))
     if s.get("optimum_loss") is not None and s.get("optimum_label"):
         lines.append(f"  {s['optimum_label']}: {_number(s['optimum_loss'], '.4g')}")
     if isinstance(s.get("hessian_error_final"), dict):
