@@ -11,6 +11,7 @@ newer optimizer must clear.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -59,7 +60,10 @@ def build(runs, paper, out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(frame) + 1.2))
     shown = frame.dropna(subset=["seed_steps_per_s"]).iloc[::-1]
     colors = ["C1" if n else "C0" for n in shown.newer]
-    ax.barh(shown.label, shown.seed_steps_per_s, color=colors)
+    # Bars on a log axis need a common base: the decade below the slowest run (and the target).
+    base = 10.0 ** math.floor(math.log10(min(shown.seed_steps_per_s.min(), TARGET) / 2))
+    ax.barh(shown.label, shown.seed_steps_per_s - base, left=base, color=colors)
+    ax.set_xlim(left=base)
     ax.axvline(TARGET, color="k", ls=":", lw=1)
     ax.text(TARGET, len(shown) - 0.4, f" {TARGET:,.0f}", fontsize=8, va="bottom")
     ax.set(xscale="log", xlabel="seed-steps per second of training (log scale)", title=f"Throughput on the {task_label(task)}")
