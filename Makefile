@@ -177,6 +177,12 @@ report-extended: install  ## rebuild results/extended/ from runs/table1, runs/ta
 	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) $(EXTENDED) --optimizers all $(CPU_EXPECT) \
 	  --readme README.md --marker extended_table2
 
+# Ready for a GPU: on a machine with an NVIDIA GPU, at most 10 minutes (a guard stops what is left); without one,
+# one line and exit 0.
+.PHONY: gpu-check
+gpu-check: install  ## on an NVIDIA GPU (10 min at most): every image-task optimizer, LODO/Adam step time and memory, one GPU per job -> results/gpu_check.md
+	$(RUN) scripts/gpu_check.py --out results/gpu_check.md
+
 # Needs internet. DATA_DIR empty: TFDS's default folder (~/tensorflow_datasets, or $TFDS_DATA_DIR), which the
 # task configs read with data_dir: null; otherwise pass task.data.data_dir=$(DATA_DIR) to the runs.
 .PHONY: data
