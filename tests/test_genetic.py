@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pytest import approx
 import yaml
 from omegaconf import OmegaConf
 
@@ -23,8 +24,10 @@ GA_CONFIG = yaml.safe_load((ROOT / "configs" / "hydra" / "sweeper" / "ga.yaml").
 
 def schedule(name):
     entry = GA_CONFIG["schedules"][name]
+    k = entry.get("seeds_per_individual", 1)
     return genetic.Schedule(name, tuple(entry["std"]), tuple(entry["steps"]), entry["population"],
-                            entry.get("halve_rates_after", False))
+                            entry.get("halve_rates_after", False), tuple(k) if isinstance(k, list) else k,
+                            entry.get("final_candidates", 0), entry.get("final_seeds", 1))
 
 
 def test_transforms_round_trip_and_decays_stay_in_the_unit_interval():
@@ -121,7 +124,8 @@ def test_schedules_shorten_and_extend_and_the_image_schedule_halves_rates():
 
 
 def ga(sweep_dir, *extra):
-    """The real CLI: a tiny schedule (3 generations x 4 individuals x 20 steps) of Adam on Rosenbrock."""
+    """The real CLI: a tiny schedule (3 generations x 4 individuals x 20 steps) of Adam on Rosenbrock, with the
+    schedule's 2 seeds per individual and final round (the final mean and the best 5 on 8 seeds each)."""
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     command = [sys.executable, "-m", "lodo.run", "-m", "hydra/sweeper=ga", "task=rosenbrock", "optimizer=adam",
                "hydra.sweeper.population=4", "hydra.sweeper.generations=3", "hydra.sweeper.steps=20",
@@ -155,12 +159,33 @@ def test_sweep_stopped_after_two_generations_resumes_with_the_same_result(tmp_pa
     assert "resuming at generation 2/3" in log and log.count("gen 2/3: mean") == 1 and "gen 1/3: mean" in log
     for name in ("tuning.png", "tuning.pdf"):
         assert (whole / name).stat().st_size > 1000
-    # One job per generation ran all 4 individuals with their own seeds, none of the reported seeds 0-7.
-    seeds = [s for g in a["generations"] for s in g["seeds"]]
-    assert len(set(seeds)) == 12 and min(seeds) >= 1000
+    # One job per generation ran all 4 individuals on 2 seeds each (the Rosenbrock schedule's), then one job the
+    # final round's 6 candidates on 8 seeds each, all seeds distinct and none of the reported seeds 0-7.
+    seeds = [s for g in a["generations"] for s in g["seeds"]] + a["final"]["seeds"]
+    assert len(set(seeds)) == len(seeds) == 3 * 4 * 2 + 6 * 8 and min(seeds) == 1000
     summary = json.loads((whole / "gen_01" / "summary.json").read_text())
     assert summary["seeds"] == a["generations"][1]["seeds"]
-    assert summary["hyperparameters"]["learning_rate"] == [v[0] for v in a["generations"][1]["values"]]
+    assert summary["hyperparameters"]["learning_rate"] == [v[0] for v in a["generations"][1]["values"] for _ in "kk"]
+    assert a["generations"][1]["scores"] == pytest.approx(
+        np.mean(np.reshape(a["generations"][1]["seed_scores"], (4, 2)), axis=1).tolist(), rel=1e-12)
+    final = a["final"]
+    for key in ("z", "values", "origins", "seeds", "seed_scores", "scores", "choice"):
+        assert final[key] == b["final"][key], key
+    assert final["origins"][0] is None and final["z"][0] == a["mean"]
+    assert final["scores"][final["choice"]] == min(final["scores"])
+    chosen = dict(zip(["learning_rate", "beta_1", "beta_2"], final["values"][final["choice"]]))
+    assert tuned[0] == pytest.approx(chosen, rel=1e-6)
+    assert "the best of a final round" in (whole / "tuned.yaml").read_text()
+    assert "final round" in (whole / "ga.log").read_text()
+    # Interrupted between the last generation and the final round: the same command runs just the round.
+    state = json.loads((whole / "ga_state.json").read_text())
+    del state["final"]
+    (whole / "ga_state.json").write_text(json.dumps(state))
+    again = ga(whole)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at the final selection round" in (whole / "ga.log").read_text()
+    assert json.loads((whole / "ga_state.json").read_text())["final"]["scores"] == final["scores"]
+    assert yaml.safe_load((whole / "tuned.yaml").read_text()) == tuned[0]
 
     setup = dict(a["setup"], seed=1)  # a different sweep in the same folder is refused
     with pytest.raises(SweepError, match=r"holds a GA sweep with other settings \(seed\)"):
@@ -237,9 +262,9 @@ def test_a_crashed_generation_job_is_split_until_the_failing_individuals_are_fou
     seeds = list(range(100, 108))
     values = [[0.1 * (i + 1)] for i in range(8)]
     state = {"jobs_launched": 3}
-    scores, walls, folders, _ = sweeper._run_generation(0, 10, ["learning_rate"], values, seeds, False, False, [],
-                                                       tmp_path, state)
-    assert scores == [100, 101, 102, 103, 104, math.inf, 106, 107]
+    scores, seed_scores, walls, folders, _ = sweeper._run_generation(0, 10, ["learning_rate"], values, seeds, False,
+                                                                    False, [], tmp_path, state)
+    assert scores == seed_scores == [100, 101, 102, 103, 104, math.inf, 106, 107]
     assert [len(b) for b in sweeper.launcher.batches] == [1, 2, 2, 2] and state["jobs_launched"] == 3 + 7
     assert len(walls) == 4
     assert [f.relative_to(tmp_path).as_posix() for f in folders] == [
@@ -293,3 +318,235 @@ def test_the_tuning_summary_compares_the_small_tasks_and_leaves_image_sweeps_out
             {"setup": {"plan": [[3, 200], [2, 200]]}, "generations": [{"wall_s": 1.0, "seeds": [1000]}]}))
     frame, problems = summary.collect(tmp_path)
     assert frame.empty and problems == ["rosenbrock/adam: sweep unfinished (1/2 generations)"]
+
+
+# --- several seeds per individual and the final selection round ------------------------------------------------
+
+
+def test_seed_layout_is_consecutive_blocks_and_the_final_round_seeds_are_fresh():
+    ks = genetic.per_generation([1, 2, 3], 5)
+    assert ks == [1, 2, 3, 3, 3] and genetic.per_generation(2, 3) == [2, 2, 2]
+    assert genetic.per_generation([1, 2, 3], 2) == [1, 2]
+    blocks = [genetic.generation_seeds(1000, 4, ks, g) for g in range(5)]
+    assert [len(b) for b in blocks] == [4 * k for k in ks]
+    final = genetic.final_round_seeds(1000, 4, ks, 3, 5)
+    every = [s for b in blocks for s in b] + final
+    assert every == list(range(1000, 1000 + 4 * sum(ks) + 15))  # consecutive, distinct, all from first_seed up
+    assert blocks[1] == list(range(1004, 1012))  # individual i of generation 1: seeds 1004 + 2i, 1005 + 2i
+    for bad in (0, [1, 0], [], 1.5, True):
+        with pytest.raises(ValueError, match="seeds_per_individual must be a positive integer"):
+            genetic.per_generation(bad, 3)
+    assert schedule("bowl").seeds() == GA_CONFIG["schedules"]["bowl"]["seeds_per_individual"]
+    assert schedule("bowl").seeds(12)[-1] == 2 and schedule("resnet18").seeds() == [1] * 10
+    for field, value, words in [("seeds_per_individual", (1, 0), "seeds_per_individual"),
+                                ("final_candidates", -1, "final_candidates must be an integer >= 0"),
+                                ("final_seeds", 0, "final_seeds must be a positive integer")]:
+        with pytest.raises(ValueError, match=words):
+            genetic.Schedule("bad", (1.0,), (10,), 4, **{field: value})
+
+
+def test_an_individual_scores_the_mean_of_its_seeds_and_worst_if_any_seed_failed():
+    per_seed = [1.0, 3.0, 2.0, float("nan"), 5.0, 7.0, float("inf"), 1.0]
+    np.testing.assert_array_equal(genetic.individual_scores(per_seed, 2), [2.0, np.inf, 6.0, np.inf])
+    np.testing.assert_array_equal(genetic.individual_scores(per_seed, 1), np.where(np.isfinite(per_seed), per_seed,
+                                                                                   np.inf))
+    # Two finite seeds whose mean overflows float64 also score worst, without a warning.
+    assert genetic.individual_scores([1e308, 1e308], 2).tolist() == [math.inf]
+
+
+def test_with_k_seeds_each_individual_trains_k_seeds_of_its_own_and_averaging_removes_their_noise():
+    """Seeds in pairs with opposite noise: with 2 seeds per individual the GA sees the noise-free score exactly,
+    so it follows the noise-free GA's path; with 1 seed the noise changes its ranking."""
+    optimum, noise = np.array([1.5, -2.0]), 40.0
+    plan = schedule("bowl").plan()
+
+    def clean(z, steps, seeds):
+        return ((z - optimum) ** 2).sum(axis=1)
+
+    def noisy(z, steps, seeds):
+        seeds = np.asarray(seeds)
+        assert len(seeds) == len(z) and len(set(seeds.tolist())) == len(seeds) and seeds.min() >= 1000
+        return clean(z, steps, seeds) + noise * np.where(seeds % 2, -1.0, 1.0)
+
+    twice = genetic.minimize(noisy, [0.0, 0.0], ["rate", "rate"], plan, 32, seed=4, seeds_per_individual=2,
+                             first_seed=1000)
+    exact = genetic.minimize(clean, [0.0, 0.0], ["rate", "rate"], plan, 32, seed=4)
+    once = genetic.minimize(noisy, [0.0, 0.0], ["rate", "rate"], plan, 32, seed=4, first_seed=1000)
+    for a, b in zip(twice[:-1], exact[:-1]):
+        np.testing.assert_allclose(a["z"], b["z"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-12)
+        assert len(a["seeds"]) == 64 and len(a["seed_scores"]) == 64
+    np.testing.assert_allclose(twice[-1]["mean"], exact[-1]["mean"], atol=1e-9)
+    assert not np.allclose(once[-1]["mean"], exact[-1]["mean"], atol=1e-3)
+    assert np.linalg.norm(exact[-1]["mean"] - optimum) < 0.3  # and the noise-free GA finds the optimum
+
+
+def test_candidates_are_the_final_mean_then_the_best_individuals_of_the_final_step_count():
+    gens = [{"generation": 0, "steps": 200, "z": [[0.0], [1.0], [2.0]], "scores": [0.5, 0.1, math.inf]},
+            {"generation": 1, "steps": 800, "z": [[3.0], [4.0], [5.0]], "scores": [0.9, None, 0.7]},
+            {"generation": 2, "steps": 800, "z": [[6.0], [5.0], [7.0]], "scores": [0.8, 0.7, 0.2]}]
+    z, origins = genetic.candidates(gens, [9.0], 3)
+    # Generation 0 ran fewer steps: not comparable. Ties go to the later generation; a duplicate is dropped.
+    assert z.tolist() == [[9.0], [7.0], [5.0], [6.0]] and origins == [None, (2, 2), (2, 1), (2, 0)]
+    z, origins = genetic.candidates(gens, [7.0], 10)  # the final mean equal to an individual: once
+    assert z.tolist() == [[7.0], [5.0], [6.0], [3.0]] and origins == [None, (2, 1), (2, 0), (1, 0)]
+    assert genetic.candidates(gens, [9.0], 0)[1] == [None]
+
+
+def test_the_final_round_picks_the_best_candidate_where_the_final_mean_lags_behind_a_stability_edge():
+    """Loss falls towards an edge (log lr = 0) beyond which every run diverges, as a learning rate's does: the
+    better half's centroid stays well inside, and re-scoring the best individuals finds one near the edge."""
+    plan = schedule("bowl").plan()
+    true = lambda x: 1.0 - 0.9 * np.exp(np.minimum(x, 0.0))  # noqa: E731  (the score without seed noise)
+
+    def score(z, steps, seeds):
+        noise = np.array([np.random.default_rng([int(s), 7]).standard_normal() for s in seeds])
+        return np.where(z[:, 0] < 0, true(z[:, 0]) + 0.01 * noise, np.inf)
+
+    for ga_seed in range(3):
+        records = genetic.minimize(score, [-3.0], ["rate"], plan, 32, seed=ga_seed, first_seed=1000,
+                                   final_candidates=5, final_seeds=4)
+        final = records[-1]
+        assert final["origins"][0] is None and len(final["candidates"]) == 6
+        assert [o[0] for o in final["origins"][1:]] == [9] * 5  # only the last generation ran 8000 steps
+        assert final["choice"] == int(np.argmin(final["scores"])) != 0
+        np.testing.assert_array_equal(final["result"], final["candidates"][final["choice"]])
+        assert final["result"][0] - final["mean"][0] > 0.2  # nearer the edge than the centroid
+        assert true(final["result"][0]) < true(final["mean"][0]) - 0.1
+        seen = {s for r in records[:-1] for s in r["seeds"].tolist()}
+        assert not seen & set(final["seeds"].tolist()) and len(final["seeds"]) == 24
+    plain = genetic.minimize(score, [-3.0], ["rate"], plan, 32, seed=0, first_seed=1000)
+    np.testing.assert_array_equal(plain[-1]["result"], plain[-1]["mean"])  # final_candidates=0: the paper's
+
+
+def test_a_generation_of_k_seeds_per_individual_is_one_job_with_each_value_k_times(tmp_path):
+    sweeper = GASweeper()
+    values, seeds = [[0.5, 0.9], [1e-05, 0.0]], [1010, 1011, 1012, 1013, 1014, 1015]
+    overrides, folder = sweeper._job(1, 200, ["learning_rate", "momentum"], values, seeds, 0, 2, False, False, [],
+                                     tmp_path)
+    assert folder == tmp_path / "gen_01"
+    assert {"seed=1010", "num_seeds=6", "optimizer.learning_rate=[0.5,0.5,0.5,1e-05,1e-05,1e-05]",
+            "optimizer.momentum=[0.9,0.9,0.9,0.0,0.0,0.0]"} <= set(overrides)
+    overrides, folder = sweeper._job(1, 200, ["learning_rate", "momentum"], values, seeds, 1, 2, False, False, [],
+                                     tmp_path)
+    assert folder == tmp_path / "gen_01" / "ind_01" and {"seed=1013", "num_seeds=3"} <= set(overrides)
+    overrides, folder = sweeper._job("final", 200, ["learning_rate", "momentum"], values, seeds, 1, 2, False, True,
+                                     [], tmp_path)  # one job per individual: its k seeds share scalar values
+    assert folder == tmp_path / "final" / "ind_01"
+    assert {"seed=1013", "num_seeds=3", "optimizer.learning_rate=1e-05", "optimizer.momentum=0.0"} <= set(overrides)
+
+
+def test_a_failed_seed_makes_its_individual_worst_and_a_crash_is_pinned_on_the_individual(tmp_path):
+    sweeper = GASweeper()
+    sweeper.launcher = FakeLauncher(bad_seeds={105})
+    sweeper.validate_batch_is_legal = lambda batch: None
+    seeds, values = list(range(100, 108)), [[0.1], [0.2], [0.3], [0.4]]  # 2 seeds each
+    state = {"jobs_launched": 0}
+    scores, seed_scores, _, folders, _ = sweeper._run_generation(3, 10, ["learning_rate"], values, seeds, False, False,
+                                                                 [], tmp_path, state)
+    assert seed_scores == [100, 101, 102, 103, math.inf, math.inf, 106, 107]  # 104 shared the crashed job of 105
+    assert scores == [100.5, 102.5, math.inf, 106.5]
+    assert [f.relative_to(tmp_path).as_posix() for f in folders] == [
+        "gen_03", "gen_03/ind_00-01", "gen_03/ind_02-03", "gen_03/ind_02", "gen_03/ind_03"]
+    assert sweeper.launcher.batches[1][1]["optimizer.learning_rate"] == "[0.3,0.3,0.4,0.4]"
+
+
+def final_round_state(tmp_path, population=4, k=2):
+    """A finished 2-generation state without its final round: individual i of generation g scores 0.5 − 0.01i − 0.1g
+    (individual 1 failed) and has the learning rate 0.01·(1 + i + g·population)."""
+    kinds = ["rate"]
+    setup = {"task": "rosenbrock", "optimizer": "adam", "search_space": {"learning_rate": "rate"}, "center": [0.1],
+             "population": population, "plan": [[3.0, 10], [2.0, 10]], "seeds_per_individual": [k, k],
+             "final_candidates": 2, "final_seeds": 3}
+    generations = []
+    for g in range(2):
+        z = [[math.log(0.01 * (1 + i + g * population))] for i in range(population)]
+        generations.append({"generation": g, "steps": 10, "z": z, "mean": [0.0],
+                            "values": [[genetic.from_search(r[0], "rate")] for r in z],
+                            "seeds": genetic.generation_seeds(1000, population, [k, k], g),
+                            "scores": [0.5 - 0.01 * i - 0.1 * g if i != 1 else None for i in range(population)],
+                            "wall_s": 1.0})
+    return {"format": 2, "setup": setup, "generations": generations, "mean": [math.log(0.5)], "jobs_launched": 2}
+
+
+def test_the_final_round_rescores_the_candidates_on_fresh_seeds_and_the_result_is_its_best(tmp_path):
+    from hydra_plugins.lodo_ga_sweeper import ga_sweeper
+
+    state = final_round_state(tmp_path)
+    sweeper = GASweeper(export_dir=str(tmp_path / "export"))
+    sweeper.launcher = FakeLauncher(bad_seeds={1017})  # candidate 0 (the final mean), seeds 1016-1018: it fails
+    sweeper.validate_batch_is_legal = lambda batch: None
+    state_path = tmp_path / "ga_state.json"
+    sweeper._final_round(state, ["learning_rate"], ["rate"], 2, 3, False, False, [], tmp_path, state_path)
+    final = json.loads(state_path.read_text())["final"]
+    # The candidates: the final mean, then generation 1's individuals 3 and 2 (0.37, 0.38; the best of both).
+    assert final["origins"] == [None, [1, 3], [1, 2]]
+    assert final["origin_scores"] == [None, approx(0.37), approx(0.38)]
+    assert final["seeds"] == list(range(1016, 1025)) and final["seeds_per_individual"] == 3
+    # FakeLauncher's loss is the seed: candidate c scores the mean of its 3 seeds; the first job crashed, so the
+    # halves ran again and the final mean's seeds failed.
+    assert final["scores"] == [None, 1020.0, 1023.0] and final["choice"] == 1
+    assert final["jobs"] == ["final", "final/ind_00", "final/ind_01-02"]
+    tuned = sweeper._finish(state, ["learning_rate"], ["rate"], genetic.Schedule("s", (3.0, 2.0), (10, 10), 4),
+                            False, "rosenbrock", "adam", tmp_path, None)
+    assert tuned == pytest.approx({"learning_rate": 0.08})  # generation 1's individual 3: 0.01·(1 + 3 + 4)
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert "Values: gen 1's individual 3 (scored 0.37 there), the best of a final round" in text
+    assert "(the final mean: failed)" in text and "x 2 seeds each" in text
+    assert yaml.safe_load(text) == pytest.approx({"learning_rate": 0.08})
+    log = (tmp_path / ga_sweeper.LOG_FILE).read_text()
+    assert "the result is gen 1's individual 3 (scored 0.37 there), score 1020" in log
+    assert "final round: the final mean: failed on seeds 1016-1018" in log
+    assert load_state(state_path, state["setup"])["final"]["choice"] == 1  # a state with a final round resumes
+
+
+def test_a_format_1_state_resumes_as_its_own_sweep_or_is_refused_in_one_line(tmp_path):
+    from hydra_plugins.lodo_ga_sweeper.ga_sweeper import STATE_FORMAT
+
+    state = final_round_state(tmp_path, k=1)
+    old_setup = {k: v for k, v in state["setup"].items() if k not in ("seeds_per_individual", "final_candidates",
+                                                                      "final_seeds")}
+    path = tmp_path / "ga_state.json"
+    path.write_text(json.dumps(dict(state, format=1, setup=old_setup)))
+    as_before = dict(old_setup, seeds_per_individual=[1, 1], final_candidates=0, final_seeds=0)
+    loaded = load_state(path, as_before)
+    assert loaded["format"] == STATE_FORMAT and loaded["setup"] == as_before
+    assert loaded["generations"] == state["generations"]
+    for setup in (state["setup"], dict(as_before, seeds_per_individual=[2, 2])):
+        with pytest.raises(SweepError) as err:
+            load_state(path, setup)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+        assert "state format 1" in str(err.value) and "hydra.sweeper.final_candidates=0" in str(err.value)
+    with pytest.raises(SweepError, match=r"other settings \(final_candidates, final_seeds, seed"):
+        load_state(path, dict(state["setup"], seed=3))  # another sweep altogether: its differences are named
+    # A state whose seeds do not match its seeds per individual, or with a broken final record, is damaged.
+    bad = dict(state, setup=dict(state["setup"], seeds_per_individual=[2, 2]))
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SweepError, match=r"generations\[0\] lacks"):
+        load_state(path, bad["setup"])
+    path.write_text(json.dumps(dict(state, final={"z": [[0.0]], "scores": [1.0], "origins": [None], "choice": 3})))
+    with pytest.raises(SweepError, match="final is not the record of a final round"):
+        load_state(path, state["setup"])
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("seeds_per_individual", 0, "seeds_per_individual must be a positive integer, a list of them"),
+    ("seeds_per_individual", [2, "x"], "seeds_per_individual must be a positive integer, a list of them"),
+    ("final_candidates", -1, "final_candidates must be a non-negative integer or null"),
+    ("final_seeds", 0, "final_seeds must be a positive integer or null"),
+])
+def test_bad_new_settings_are_refused_in_one_line(setting, value, words):
+    with pytest.raises(SweepError, match=f"hydra.sweeper.{words}"):
+        GASweeper(**{setting: value})._check_settings()
+
+
+def test_the_schedules_settings_and_their_overrides():
+    sweeper = GASweeper(schedules=GA_CONFIG["schedules"])
+    bowl = sweeper._schedule("noisy_quadratic_bowl", "bowl")
+    assert (bowl.seeds(), bowl.final_candidates, bowl.final_seeds) == (
+        [1, 1, 1, 1, 1, 1, 1, 2, 2, 2], 5, 8)
+    image = sweeper._schedule("pixelcnn_mnist", "image_generation")
+    assert (image.seeds(), image.final_candidates) == ([1] * 10, 0)  # the image schedules: the paper's algorithm
+    sweeper = GASweeper(schedules=GA_CONFIG["schedules"], seeds_per_individual=[3, 1], final_candidates=0)
+    bowl = sweeper._schedule("noisy_quadratic_bowl", "bowl")
+    assert (bowl.seeds(), bowl.final_candidates) == ([3] + [1] * 9, 0)

@@ -10,12 +10,14 @@ jobs into scores, and keeps the sweep folder:
   generation; the same command with the same ``hydra.sweep.dir`` continues
   at the next generation (the individuals' noise and seeds are fixed, so the
   result equals an uninterrupted sweep);
-- ``ga.log``: one line per generation (``gen 3/10: mean … best … std …``);
+- ``ga.log``: one line per generation (``gen 3/10: mean … best … std …``),
+  then the final selection round's candidates and its choice;
 - ``tuned.yaml``: the result, in the format of ``configs/tuned/<task>/<optimizer>.yaml``;
 - ``tuning.png`` / ``tuning.pdf``: every generation's scores and the hyperparameter trajectory;
-- ``gen_<g>/`` (small tasks: one job runs the whole generation, one seed per
+- ``gen_<g>/`` (small tasks: one job runs the whole generation, k seeds per
   individual, with per-seed hyperparameter lists) or ``gen_<g>/ind_<i>/``
-  (image tasks: one job per individual): the runs themselves.
+  (image tasks: one job per individual): the runs themselves; ``final/``
+  (or ``final/ind_<c>/``) the final round's.
 
 Only the standard library, OmegaConf and Hydra are imported at module level:
 Hydra imports every plugin module whenever the app starts.
@@ -52,7 +54,8 @@ LOG_FILE = "ga.log"
 TUNED_FILE = "tuned.yaml"
 PLOT_STEM = "tuning"
 EXPORTED = (STATE_FILE, LOG_FILE, TUNED_FILE, f"{PLOT_STEM}.png", f"{PLOT_STEM}.pdf")
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: seeds_per_individual and the final selection round (a format-1 state is their absence)
+NEW_SETTINGS = ("seeds_per_individual", "final_candidates", "final_seeds")  # the setup's keys since format 2
 # Set by the sweeper for every generation; the setting that controls each instead.
 RESERVED = {"seed": "hydra.sweeper.first_seed", "num_seeds": "hydra.sweeper.population",
             "steps": "hydra.sweeper.steps"}
@@ -78,10 +81,13 @@ class GASweeper(Sweeper):
                  seed: int = 0, first_seed: int = 1000, halve_rates_after: Optional[bool] = None,
                  rate_keys: Any = ("learning_rate", "initial_lr", "eta0"), search_space: Any = None,
                  stop_after: Optional[int] = None, install: Any = False, export_dir: Optional[str] = None,
-                 job_overrides: Any = (), schedules: Any = None) -> None:
+                 job_overrides: Any = (), schedules: Any = None, seeds_per_individual: Any = None,
+                 final_candidates: Optional[int] = None, final_seeds: Optional[int] = None) -> None:
         super().__init__()
         self.schedule_name = schedule
         self.population, self.generations, self.steps = population, generations, steps
+        self.seeds_per_individual = _plain(seeds_per_individual)
+        self.final_candidates, self.final_seeds = final_candidates, final_seeds
         self.score_window, self.seed, self.first_seed = score_window, seed, first_seed
         self.halve_rates_after = halve_rates_after
         self.rate_keys = list(_plain(rate_keys) or [])
@@ -109,10 +115,17 @@ class GASweeper(Sweeper):
 
     # ------------------------------------------------------------------ setup
     def _check_settings(self) -> None:
-        for key in ("population", "generations", "steps", "stop_after"):
+        for key in ("population", "generations", "steps", "stop_after", "final_seeds"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise SweepError(f"hydra.sweeper.{key} must be a positive integer or null, got {value!r}")
+        k = self.seeds_per_individual
+        if k is not None and not (_count(k) or (isinstance(k, list) and k and all(_count(v) for v in k))):
+            raise SweepError(f"hydra.sweeper.seeds_per_individual must be a positive integer, a list of them (one per "
+                             f"generation) or null, got {k!r}")
+        if self.final_candidates is not None and not _count(self.final_candidates, zero=True):
+            raise SweepError(f"hydra.sweeper.final_candidates must be a non-negative integer or null, got "
+                             f"{self.final_candidates!r}")
         if self.population is not None and self.population < 2:
             raise SweepError(f"hydra.sweeper.population must be at least 2, got {self.population}")
         for key in ("seed", "first_seed"):
@@ -151,9 +164,13 @@ class GASweeper(Sweeper):
             raise SweepError(f"unknown GA schedule {name!r}; valid schedules: {', '.join(sorted(self.schedules))}")
         entry = self.schedules[name]
         try:
+            k = entry.get("seeds_per_individual", 1) if self.seeds_per_individual is None else self.seeds_per_individual
             return genetic.Schedule(name, tuple(entry["std"]), tuple(entry["steps"]),
                                     int(self.population or entry["population"]),
-                                    bool(entry.get("halve_rates_after", False)))
+                                    bool(entry.get("halve_rates_after", False)),
+                                    tuple(k) if isinstance(k, list) else k,
+                                    _first(self.final_candidates, entry.get("final_candidates", 0)),
+                                    _first(self.final_seeds, entry.get("final_seeds", 1)))
         except (KeyError, TypeError, ValueError) as err:
             raise SweepError(f"GA schedule {name!r}: {err}") from None
 
@@ -220,6 +237,9 @@ class GASweeper(Sweeper):
         except ValueError as err:
             raise SweepError(f"hydra.sweeper: {err}") from None
         population = schedule.population
+        ks = schedule.seeds(len(plan))
+        final_count = int(schedule.final_candidates)
+        final_seeds = int(schedule.final_seeds) if final_count else 0
         halve = schedule.halve_rates_after if self.halve_rates_after is None else bool(self.halve_rates_after)
         # One job per individual where a generation cannot be one multi-seed program: image tasks train one
         # model per job, and an optimizer without per-seed hyperparameters cannot give each seed its own values.
@@ -240,22 +260,28 @@ class GASweeper(Sweeper):
             "task": task_name, "optimizer": optimizer_name, "arguments": list(arguments), "search_space": space,
             "center": center, "schedule": schedule.name, "population": population, "plan": plan,
             "seed": self.seed, "first_seed": self.first_seed, "score_window": self.score_window,
-            "one_job_per_individual": separate, "job_overrides": self.job_overrides}))
+            "one_job_per_individual": separate, "job_overrides": self.job_overrides, "seeds_per_individual": ks,
+            "final_candidates": final_count, "final_seeds": final_seeds}))
         state_path = sweep_dir / STATE_FILE
         state = load_state(state_path, setup)  # before anything is written: a damaged state stops the sweep
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
-        if state is not None and len(state["generations"]) == len(plan):
+        if state is not None and len(state["generations"]) == len(plan) and (state.get("final") or not final_count):
             self._log(sweep_dir, f"all {len(plan)} generations are done; writing the results again")
+        elif state is not None and len(state["generations"]) == len(plan):
+            self._log(sweep_dir, f"resuming at the final selection round")
         elif state is not None:
             self._log(sweep_dir, f"resuming at generation {len(state['generations'])}/{len(plan)}")
         else:
             mean = [genetic.clip_search(genetic.to_search(v, k), k) for v, k in zip(center, kinds)]
             state = {"format": STATE_FORMAT, "setup": setup, "generations": [], "mean": mean, "jobs_launched": 0,
                      "started": _now()}
+            seeds = _seed_count(ks)
+            final = (f"; then a final round: the final mean and the best {final_count} individuals on {final_seeds} "
+                     f"fresh seeds each" if final_count else "; the result is the final mean")
             self._log(sweep_dir, f"GA on {task_name} / {optimizer_name}: {len(plan)} generations x {population} "
-                                 f"individuals, schedule {schedule.name}, tuning {', '.join(keys)} from "
-                                 + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, center)))
+                                 f"individuals x {seeds} each, schedule {schedule.name}, tuning {', '.join(keys)} from "
+                                 + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, center)) + final)
             outputs.write_json(state_path, state)
 
         # The user's overrides stay in every job, except those of the tuned keys (they set the centre).
@@ -267,13 +293,14 @@ class GASweeper(Sweeper):
             std, steps = plan[g]
             z = genetic.individuals(state["mean"], std, population, self.seed, g, kinds)
             values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
-            seeds = [self.first_seed + g * population + i for i in range(population)]
-            scores, walls, folders, results = self._run_generation(g, steps, keys, values, seeds, image, separate,
-                                                                   kept, sweep_dir, state)
+            seeds = genetic.generation_seeds(self.first_seed, population, ks, g)
+            scores, seed_scores, walls, folders, results = self._run_generation(
+                g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state)
             wall = sum(walls)
             state["generations"].append({
                 "generation": g, "std": std, "steps": steps, "mean": list(state["mean"]), "z": z.tolist(),
-                "values": values, "seeds": seeds, "scores": scores, "wall_s": wall, "retry_wall_s": sum(walls[1:]),
+                "values": values, "seeds": seeds, "seeds_per_individual": ks[g], "seed_scores": seed_scores,
+                "scores": scores, "wall_s": wall, "retry_wall_s": sum(walls[1:]),
                 "jobs": [str(Path(folder).relative_to(sweep_dir)) for folder in folders], "finished": _now()})
             state["mean"] = genetic.better_half_mean(z, scores).tolist()
             outputs.write_json(state_path, state)
@@ -286,14 +313,56 @@ class GASweeper(Sweeper):
             self._log(sweep_dir, f"stopped after generation {len(state['generations']) - 1} (hydra.sweeper.stop_after="
                                  f"{self.stop_after}); run the same command again to continue")
             return returns
+        if final_count and not state.get("final"):
+            returns.append(self._final_round(state, keys, kinds, final_count, final_seeds, image, separate, kept,
+                                             sweep_dir, state_path))
         dataset = base.task.get("dataset")  # the image-generation task trains on MNIST or Fashion-MNIST
         where = f"{task_name} ({dataset})" if dataset else task_name
         tuned = self._finish(state, keys, kinds, schedule, halve, where, optimizer_name, sweep_dir, install_target)
         self._log(sweep_dir, "tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in tuned.items()))
         return returns
 
+    def _final_round(self, state, keys, kinds, count, seeds_each, image, separate, kept, sweep_dir, state_path):
+        """Re-scores the final mean and the best ``count`` individuals on fresh seeds; the best is the result.
+
+        Saved as the state's ``final`` record (a resumed sweep skips a finished
+        round); ties go to the final mean, which is listed first.
+        """
+        from lodo.experiment import genetic, outputs
+
+        setup = state["setup"]
+        gens = [dict(r, scores=[math.inf if v is None else v for v in r["scores"]]) for r in state["generations"]]
+        z, origins = genetic.candidates(gens, state["mean"], count)
+        values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
+        seeds = genetic.final_round_seeds(self.first_seed, setup["population"], setup["seeds_per_individual"],
+                                          len(z), seeds_each)
+        steps = gens[-1]["steps"]
+        scores, seed_scores, walls, folders, results = self._run_generation(
+            "final", steps, keys, values, seeds, image, separate, kept, sweep_dir, state)
+        choice = int(genetic.ranking(scores)[0])
+        state["final"] = {
+            "steps": steps, "z": z.tolist(), "values": values,
+            "origins": [None if o is None else list(o) for o in origins],
+            "origin_scores": [None if o is None else gens[o[0]]["scores"][o[1]] for o in origins],
+            "seeds": seeds, "seeds_per_individual": seeds_each, "seed_scores": seed_scores, "scores": scores,
+            "choice": choice, "wall_s": sum(walls), "retry_wall_s": sum(walls[1:]),
+            "jobs": [str(Path(folder).relative_to(sweep_dir)) for folder in folders], "finished": _now()}
+        outputs.write_json(state_path, state)
+        for c, (origin, score) in enumerate(zip(origins, scores)):
+            self._log(sweep_dir, f"final round: {_origin(origin, gens)}: {_fmt(score)} on seeds {seeds[c * seeds_each]}"
+                                 f"-{seeds[(c + 1) * seeds_each - 1]} ("
+                                 + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, values[c])) + ")")
+        self._log(sweep_dir, f"final round ({sum(walls):.1f} s): the result is {_origin(origins[choice], gens)}, "
+                             f"score {_fmt(scores[choice])} (the final mean's: {_fmt(scores[0])})")
+        return results
+
     def _run_generation(self, g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state):
-        """Launches a generation's jobs; returns (scores, wall seconds per round of jobs, run folders, job returns).
+        """Launches a generation's jobs (g: its number, or "final" for the final round).
+
+        Returns (scores per individual, scores per seed, wall seconds per
+        round of jobs, run folders, job returns). Individual i trains the k =
+        len(seeds) / len(values) seeds at [i·k, (i+1)·k); its score is their
+        mean, the worst if any of them failed.
 
         A job that crashes takes every individual in it down with it; on the
         small tasks, where one job runs many individuals, its individuals are
@@ -301,8 +370,11 @@ class GASweeper(Sweeper):
         individuals, which score worst. (A job that stops the whole app, such
         as a configuration error, stops the sweep instead.)
         """
-        scores = [math.inf] * len(seeds)
-        ranges = [(0, len(seeds))] if not separate else [(i, i + 1) for i in range(len(seeds))]
+        from lodo.experiment import genetic
+
+        k = len(seeds) // len(values)
+        seed_scores = [math.inf] * len(seeds)
+        ranges = [(0, len(values))] if not separate else [(i, i + 1) for i in range(len(values))]
         walls, folders, returns = [], [], []
         while ranges:
             jobs = [self._job(g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir)
@@ -318,46 +390,53 @@ class GASweeper(Sweeper):
             for (lo, hi), (_, folder), result in zip(ranges, jobs, results):
                 folders.append(folder)
                 if result.status == JobStatus.COMPLETED:
-                    for i, score in self._scores(folder, range(lo, hi), seeds, steps).items():
-                        scores[i] = score
+                    for i, score in self._scores(folder, range(lo * k, hi * k), seeds, steps).items():
+                        seed_scores[i] = score
                     continue
                 error = f"{type(result._return_value).__name__}: {result._return_value}"
+                where = "final round" if g == "final" else f"gen {g}"
                 if hi - lo > 1:
                     retry += [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
-                    log.warning(f"gen {g}: the job of individuals {lo}-{hi - 1} failed ({error}); running each half "
+                    log.warning(f"{where}: the job of individuals {lo}-{hi - 1} failed ({error}); running each half "
                                 f"on its own to find the individuals that fail")
                 else:
-                    log.warning(f"gen {g}: individual {lo} failed ({error}); it scores worst")
+                    log.warning(f"{where}: individual {lo} failed ({error}); it scores worst")
             ranges = retry
-        return scores, walls, folders, returns
+        scores = genetic.individual_scores(seed_scores, k).tolist()
+        return scores, seed_scores, walls, folders, returns
 
     def _job(self, g, steps, keys, values, seeds, lo, hi, image, separate, kept, sweep_dir):
-        """(overrides, run folder) of the job that trains individuals lo … hi−1 (one seed each).
+        """(overrides, run folder) of the job that trains individuals lo … hi−1 (k = len(seeds) / len(values) each).
 
-        On the small tasks the individuals' values are per-seed lists; the
-        whole generation is one job in ``gen_<g>/``, and a split-off part
-        (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/`` (``ind_<i>`` for one). An image-task job, or
-        one of an optimizer without per-seed hyperparameters, trains one individual in ``gen_<g>/ind_<i>/``.
+        On the small tasks the individuals' values are per-seed lists (each
+        value k times); the whole generation is one job in ``gen_<g>/``, and a
+        split-off part (after a crash) goes to ``gen_<g>/ind_<lo>-<hi−1>/``
+        (``ind_<i>`` for one). An image-task job, or one of an optimizer without
+        per-seed hyperparameters, trains one individual's k seeds in
+        ``gen_<g>/ind_<i>/``. The final round (g = "final") runs in ``final/``.
         """
         from lodo.experiment import genetic
 
+        k = len(seeds) // len(values)
         window = genetic.window_length(steps, self.score_window)
         log_every = math.gcd(steps, window)  # curve rows that tile the score window exactly
         common = [*kept, f"steps={steps}", f"log_every={log_every}", *self.job_overrides,
-                  f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo]}", f"num_seeds={hi - lo}"]
+                  f"hydra.sweep.dir={quote(sweep_dir)}", f"seed={seeds[lo * k]}", f"num_seeds={(hi - lo) * k}"]
+        top = g if isinstance(g, str) else f"gen_{g:02d}"
         if separate:
-            subdir = f"gen_{g:02d}/ind_{lo:02d}"
+            subdir = f"{top}/ind_{lo:02d}"
             # The score is the training loss: no pictures, and a one-image test set instead of the minutes that a
             # full one costs (the summary keeps its test fields).
             settings = (["artifacts=false", "test_size=1"] if image else [f"chunk_size={steps}"]) + [
-                f"optimizer.{k}={number(values[lo][d])}" for d, k in enumerate(keys)]
+                f"optimizer.{key}={number(values[lo][d])}" for d, key in enumerate(keys)]
         else:
             part = f"ind_{lo:02d}" if hi - lo == 1 else f"ind_{lo:02d}-{hi - 1:02d}"
-            subdir = f"gen_{g:02d}" if (lo, hi) == (0, len(seeds)) else f"gen_{g:02d}/{part}"
+            subdir = top if (lo, hi) == (0, len(values)) else f"{top}/{part}"
             # One compiled chunk for the whole run: no host round trips in between, and no progress report
             # while a runaway individual's loss passes through values that the runner cannot log.
-            settings = [f"chunk_size={steps}"] + [f"optimizer.{k}=[{','.join(number(row[d]) for row in values[lo:hi])}]"
-                                                  for d, k in enumerate(keys)]
+            settings = [f"chunk_size={steps}"] + [
+                f"optimizer.{key}=[{','.join(number(row[d]) for row in values[lo:hi] for _ in range(k))}]"
+                for d, key in enumerate(keys)]
         return [*common, *settings, f"hydra.sweep.subdir={subdir}"], sweep_dir / subdir
 
     def _scores(self, folder: Path, members, seeds, steps) -> dict:
@@ -410,7 +489,9 @@ class GASweeper(Sweeper):
     def _finish(self, state, keys, kinds, schedule, halve, task, optimizer, sweep_dir, install_target) -> dict:
         from lodo.experiment import genetic, outputs
 
-        tuned = {k: genetic.from_search(v, kind) for k, v, kind in zip(keys, state["mean"], kinds)}
+        final = state.get("final")
+        result = final["z"][final["choice"]] if final else state["mean"]
+        tuned = {k: genetic.from_search(v, kind) for k, v, kind in zip(keys, result, kinds)}
         halved = [k for k in keys if halve and k in self.rate_keys]
         for k in halved:
             tuned[k] /= 2
@@ -418,18 +499,29 @@ class GASweeper(Sweeper):
         scores = [math.inf if s is None else s for s in last["scores"]]
         order = genetic.ranking(scores)
         half = [scores[i] for i in order[:max(1, len(scores) // 2)]]
-        plan = state["setup"]["plan"]
+        setup = state["setup"]
+        plan = setup["plan"]
         steps = sorted({int(s) for _, s in plan})
+        seeds = _seed_count(setup.get("seeds_per_individual") or [1] * len(plan))
         lines = [
             "# @package optimizer",
             f"# Tuned by this project's genetic algorithm (SPEC §4.1; python -m lodo.run -m hydra/sweeper=ga) "
             f"on {task}, {_now()[:10]}.",
-            f"# Schedule {schedule.name}: {len(plan)} generations x {state['setup']['population']} individuals, "
-            f"{', '.join(str(s) for s in steps)} steps; generation 0 centred on "
-            + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, state["setup"]["center"])) + ".",
-            f"# Score (mean training loss over the last {self.score_window:g} of the steps), last generation: "
-            f"better half {_fmt(sum(half) / len(half))}, best {_fmt(min(scores))}. Values: the final mean.",
+            f"# Schedule {schedule.name}: {len(plan)} generations x {setup['population']} individuals x {seeds} "
+            f"each, {', '.join(str(s) for s in steps)} steps; generation 0 centred on "
+            + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, setup["center"])) + ".",
+            f"# Score (mean training loss over the last {self.score_window:g} of the steps, averaged over an "
+            f"individual's seeds), last generation: better half {_fmt(sum(half) / len(half))}, best "
+            f"{_fmt(min(scores))}." + ("" if final else " Values: the final mean."),
         ]
+        if final:
+            gens = state["generations"]
+            chosen = final["choice"]
+            lines.append(
+                f"# Values: {_origin(final['origins'][chosen], gens)}, the best of a final round that re-scored the "
+                f"final mean and the best {len(final['z']) - 1} individuals on {final['seeds_per_individual']} fresh "
+                f"seeds each at {final['steps']} steps: {_fmt(_score(final['scores'][chosen]))} (the final mean: "
+                f"{_fmt(_score(final['scores'][0]))}).")
         if halved:
             lines.append(f"# {', '.join(halved)} halved after tuning (hydra.sweeper.halve_rates_after), as the paper "
                          f"did for image generation.")
@@ -486,6 +578,16 @@ class GASweeper(Sweeper):
         g = [r["generation"] for r in gens]
         ax.plot(g, best, "o-", color="tab:red", label="best")
         ax.plot(g, middle, "s--", color="tab:gray", label="median")
+        selection = state.get("final")
+        if selection:  # the final round's candidates one step right of the last generation, its choice starred
+            s = np.array([np.inf if v is None else v for v in selection["scores"]], dtype=float)
+            ok = np.isfinite(s)
+            x = len(gens)
+            ax.scatter(np.full(ok.sum(), x), np.minimum(s[ok], ceiling), s=14, color="tab:green",
+                       label=f"final round ({selection['seeds_per_individual']} seeds)")
+            if np.isfinite(s[selection["choice"]]):
+                ax.scatter([x], [min(s[selection["choice"]], ceiling)], s=90, marker="*", color="tab:green",
+                           edgecolor="black", zorder=3, label="result")
         if log_scale:
             ax.set_yscale("log")
         ax.set(xlabel="generation", ylabel="score (training loss)", title=f"{state['setup']['optimizer']} on "
@@ -503,6 +605,10 @@ class GASweeper(Sweeper):
             means = [shown(genetic.from_search(r["mean"][d], kind)) for r in gens]
             final = shown(genetic.from_search(state["mean"][d], kind))
             ax.plot(g + [len(gens)], means + [final], "o-", color="tab:red", label="generation mean")
+            if state.get("final"):
+                chosen = state["final"]["z"][state["final"]["choice"]][d]
+                ax.scatter([len(gens)], [shown(genetic.from_search(chosen, kind))], s=90, marker="*",
+                           color="tab:green", edgecolor="black", zorder=3, label="result (final round)")
             ax.set_yscale("log")
             ax.set(xlabel="generation", ylabel=f"1 − {key}" if kind == "decay" else key, title=key)
             ax.legend(fontsize=8)
@@ -538,7 +644,18 @@ def load_state(path: Path, setup: dict) -> Optional[dict]:
     if not isinstance(state, dict):
         raise SweepError(f"{path} is damaged (a JSON {type(state).__name__}, not the GA state's object): {aside}")
     stored = state.get("setup")
-    if state.get("format") != STATE_FORMAT or stored != setup:
+    if state.get("format") == 1 and isinstance(stored, dict) and isinstance(stored.get("plan"), list):
+        # Format 1 had one seed per individual and the final mean as the result: it continues as that sweep.
+        old = dict(stored, seeds_per_individual=[1] * len(stored["plan"]), final_candidates=0, final_seeds=0)
+        if old == setup:
+            state, stored = dict(state, format=STATE_FORMAT, setup=setup), setup
+        elif all(old.get(k) == setup.get(k) for k in set(old) | set(setup) if k not in NEW_SETTINGS):
+            raise SweepError(f"{path} holds a sweep from before seeds_per_individual and the final round (state "
+                             f"format 1): continue it with hydra.sweeper.seeds_per_individual=1 "
+                             f"hydra.sweeper.final_candidates=0, or give a new hydra.sweep.dir")
+        else:
+            stored = old
+    if state.get("format") not in (1, STATE_FORMAT) or stored != setup:
         if isinstance(stored, dict) and "format" in state:
             differ = sorted(k for k in set(setup) | set(stored) if stored.get(k) != setup.get(k)) or ["format"]
             raise SweepError(f"{path} holds a GA sweep with other settings ({', '.join(differ)}); continue it with "
@@ -561,6 +678,7 @@ def state_problem(state: dict, setup: dict) -> Optional[str]:
     def rows(value):
         return isinstance(value, list) and len(value) == population and all(numbers(r, dims) for r in value)
 
+    ks = setup.get("seeds_per_individual") or [1] * len(plan)
     if not numbers(state.get("mean"), dims):
         return f"mean is not a list of {dims} numbers"
     jobs = state.get("jobs_launched")
@@ -574,9 +692,25 @@ def state_problem(state: dict, setup: dict) -> Optional[str]:
             return f"generations[{g}] is not the record of generation {g}"
         if not (numbers(record.get("mean"), dims) and rows(record.get("z")) and rows(record.get("values"))
                 and numbers(record.get("scores"), population, nullable=True)
-                and numbers(record.get("seeds"), population)):
+                and numbers(record.get("seeds"), population * ks[g])):
             return (f"generations[{g}] lacks its mean, z, values, scores or seeds for {population} individuals "
                     f"and {dims} hyperparameters")
+    final = state.get("final")
+    if final is not None:
+        z = final.get("z") if isinstance(final, dict) else None
+        size = len(z) if isinstance(z, list) else 0
+        origins = final.get("origins") if size else None
+
+        def origin_ok(o):
+            return o is None or (isinstance(o, list) and len(o) == 2 and all(type(v) is int for v in o)
+                                 and 0 <= o[0] < len(generations) and 0 <= o[1] < population)
+
+        if not (len(generations) == len(plan) and setup.get("final_candidates") and size
+                and all(numbers(r, dims) for r in z) and numbers(final.get("scores"), size, nullable=True)
+                and isinstance(origins, list) and len(origins) == size and all(origin_ok(o) for o in origins)
+                and type(final.get("choice")) is int and 0 <= final["choice"] < size
+                and type(final.get("seeds_per_individual")) is int and type(final.get("steps")) is int):
+            return "final is not the record of a final round after the last generation"
     return None
 
 
@@ -594,6 +728,33 @@ def _now() -> str:
 
 def _fmt(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else "failed"
+
+
+def _seed_count(ks) -> str:
+    """``2 seeds``, or ``1/1/2 seeds (per generation)`` where the generations differ."""
+    if len(set(ks)) == 1:
+        return f"{ks[0]} seed" + ("s" if ks[0] > 1 else "")
+    return f"{'/'.join(map(str, ks))} seeds (per generation)"
+
+
+def _score(value) -> float:
+    return math.inf if value is None else float(value)
+
+
+def _count(value, zero: bool = False) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= (0 if zero else 1)
+
+
+def _first(setting, default):
+    return default if setting is None else setting
+
+
+def _origin(origin, generations) -> str:
+    """A final-round candidate in words: the final mean, or gen g's individual i and its score there."""
+    if origin is None:
+        return "the final mean"
+    g, i = origin
+    return f"gen {g}'s individual {i} (scored {_fmt(_score(generations[g]['scores'][i]))} there)"
 
 
 def _yaml_number(value: float, kind: str) -> str:

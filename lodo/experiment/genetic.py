@@ -3,10 +3,18 @@
 The search space is a transform of each hyperparameter: learning-rate-like
 ones (``rate``) are searched as log(x), decay-like ones in [0, 1) (``decay``)
 as log(1 − x). Generation g has a mean μ_g in that space and a noise std σ_g
-from the schedule; its P individuals are μ_g + σ_g·N(0, I), each trained with
-its own seed; the score is the mean training loss over the last 10% of the
-individual's steps (NaN, inf or a crash: the worst score); μ_{g+1} is the mean
-of the better half. Generation 0 is centred on the current config values.
+from the schedule; its P individuals are μ_g + σ_g·N(0, I), each trained on
+k seeds of its own (``seeds_per_individual``, per generation); the score is the
+mean over those seeds of the training loss over the last 10% of the steps (NaN,
+inf or a crash on any seed: the worst score); μ_{g+1} is the mean of the better
+half. Generation 0 is centred on the current config values.
+
+The paper's answer is the final mean. On a landscape whose best values sit at
+an edge (a learning rate just below divergence) or in narrow bands, the better
+half's centroid lands in a worse place than the best individuals, so an
+optional final selection round re-scores the final mean and the best
+individuals of the generations run at the final step count on fresh seeds,
+and the best of them is the answer.
 
 Nothing here trains or reads files: the Hydra sweeper
 (``hydra_plugins/lodo_ga_sweeper``) launches the jobs and feeds their scores
@@ -74,6 +82,9 @@ class Schedule:
     steps: tuple
     population: int
     halve_rates_after: bool = False
+    seeds_per_individual: tuple | int = 1  # one per generation (extended like std), or one for all
+    final_candidates: int = 0  # best individuals re-scored beside the final mean; 0: the paper's final mean
+    final_seeds: int = 1  # seeds per candidate in the final selection round
 
     def __post_init__(self):
         if len(self.std) != len(self.steps) or not self.std:
@@ -83,6 +94,16 @@ class Schedule:
             raise ValueError(f"schedule {self.name!r}: std must be >= 0 and steps positive integers")
         if int(self.population) != self.population or self.population < 2:
             raise ValueError(f"schedule {self.name!r}: population must be an integer >= 2, got {self.population!r}")
+        ks = self.seeds_per_individual if isinstance(self.seeds_per_individual, tuple) else (self.seeds_per_individual,)
+        if not ks or any(not _positive_int(k) for k in ks):
+            raise ValueError(f"schedule {self.name!r}: seeds_per_individual must be a positive integer or a list of "
+                             f"them, got {self.seeds_per_individual!r}")
+        if not _positive_int(self.final_candidates, zero=True):
+            raise ValueError(f"schedule {self.name!r}: final_candidates must be an integer >= 0, got "
+                             f"{self.final_candidates!r}")
+        if not _positive_int(self.final_seeds):
+            raise ValueError(f"schedule {self.name!r}: final_seeds must be a positive integer, got "
+                             f"{self.final_seeds!r}")
 
     def plan(self, generations: int | None = None, steps: int | None = None) -> list[tuple[float, int]]:
         """(std, steps) per generation. Fewer generations take the schedule's first ones; more repeat its last."""
@@ -94,6 +115,66 @@ class Schedule:
         last = len(self.std) - 1
         return [(float(self.std[min(g, last)]), int(steps if steps is not None else self.steps[min(g, last)]))
                 for g in range(count)]
+
+    def seeds(self, generations: int | None = None) -> list[int]:
+        """Seeds per individual in each generation, shortened or extended as ``plan`` does."""
+        return per_generation(self.seeds_per_individual, len(self.std) if generations is None else int(generations))
+
+
+def _positive_int(value, zero: bool = False) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= (0 if zero else 1)
+
+
+def per_generation(value, generations: int) -> list[int]:
+    """An integer (every generation) or a list (one per generation; fewer repeat the last) → one per generation."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or any(not _positive_int(k) for k in values):
+        raise ValueError(f"seeds_per_individual must be a positive integer or a list of them, got {value!r}")
+    return [int(values[min(g, len(values) - 1)]) for g in range(int(generations))]
+
+
+def generation_seeds(first_seed: int, population: int, ks: Sequence[int], generation: int) -> list[int]:
+    """Generation g's seeds, individual i's k at [i·k, (i+1)·k): consecutive blocks after the earlier generations'."""
+    start = int(first_seed) + int(population) * sum(int(k) for k in ks[:generation])
+    return list(range(start, start + int(population) * int(ks[generation])))
+
+
+def final_round_seeds(first_seed: int, population: int, ks: Sequence[int], candidates: int, seeds: int) -> list[int]:
+    """The final round's fresh seeds, after every generation's: candidate c's at [c·seeds, (c+1)·seeds)."""
+    start = int(first_seed) + int(population) * sum(int(k) for k in ks)
+    return list(range(start, start + int(candidates) * int(seeds)))
+
+
+def individual_scores(seed_scores: Sequence[float], k: int) -> np.ndarray:
+    """Per-seed scores (individual i's k at [i·k, (i+1)·k)) → each individual's mean; any non-finite seed: inf."""
+    s = np.asarray(seed_scores, dtype=np.float64).reshape(-1, int(k))
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = s.mean(axis=1)
+    return np.where(np.isfinite(s).all(axis=1) & np.isfinite(mean), mean, np.inf)
+
+
+def candidates(generations: Sequence[dict], mean: Sequence[float], count: int) -> tuple[np.ndarray, list]:
+    """The final round's candidates: the final mean, then up to ``count`` best individuals.
+
+    The individuals come from the generations run at the last generation's
+    step count (an earlier, shorter generation's scores are not comparable),
+    best score first, each distinct and finite. Returns ``(z [C, D], origins)``
+    with origin None for the final mean and ``(generation, individual)`` else.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    steps = generations[-1]["steps"]
+    pool = [(float(score), record["generation"], i, np.asarray(record["z"][i], dtype=np.float64))
+            for record in generations if record["steps"] == steps
+            for i, score in enumerate(record["scores"]) if score is not None and math.isfinite(score)]
+    pool.sort(key=lambda entry: (entry[0], -entry[1], entry[2]))  # ties: the later generation, then the first index
+    chosen, origins = [mean], [None]
+    for _, generation, i, z in pool:
+        if len(chosen) > count:
+            break
+        if not any(np.array_equal(z, c) for c in chosen):
+            chosen.append(z)
+            origins.append((int(generation), int(i)))
+    return np.array(chosen), origins
 
 
 def individuals(mean: Sequence[float], std: float, population: int, seed: int, generation: int,
@@ -168,21 +249,39 @@ def window_length(total_steps: int, fraction: float) -> int:
 
 
 def minimize(score: Callable[[np.ndarray, int, np.ndarray], np.ndarray], center: Sequence[float],
-             kinds: Sequence[str], plan: Sequence[tuple[float, int]], population: int, seed: int = 0) -> list[dict]:
-    """The whole algorithm in memory: ``score(z [P, D], steps, seeds [P]) -> [P]`` per generation.
+             kinds: Sequence[str], plan: Sequence[tuple[float, int]], population: int, seed: int = 0,
+             seeds_per_individual=1, first_seed: int = 0, final_candidates: int = 0,
+             final_seeds: int = 1) -> list[dict]:
+    """The whole algorithm in memory: ``score(z [N, D], steps, seeds [N]) -> [N]`` per seed.
 
-    Returns one record per generation (mean, std, individuals, scores). The
-    sweeper runs the same steps, with a saved state between generations.
+    Each individual's row of z comes k times, once per seed. Returns one
+    record per generation (mean, std, individuals, scores), then the final
+    record: the final mean, and with ``final_candidates`` the round's
+    candidates, origins, per-seed and combined scores and choice; its
+    ``result`` is the answer. The sweeper runs the same steps, with a saved
+    state between generations.
     """
     mean = np.array([clip_search(c, k) for c, k in zip(center, kinds)], dtype=np.float64)
+    ks = per_generation(seeds_per_individual, len(plan))
     records = []
     for g, (std, steps) in enumerate(plan):
         z = individuals(mean, std, population, seed, g, kinds)
-        seeds = np.arange(population) + g * population
-        scores = np.asarray(score(z, steps, seeds), dtype=np.float64)
-        records.append({"generation": g, "mean": mean, "std": std, "steps": steps, "z": z, "scores": scores})
+        seeds = np.array(generation_seeds(first_seed, population, ks, g))
+        per_seed = np.asarray(score(np.repeat(z, ks[g], axis=0), steps, seeds), dtype=np.float64)
+        scores = individual_scores(per_seed, ks[g])
+        records.append({"generation": g, "mean": mean, "std": std, "steps": steps, "z": z, "seeds": seeds,
+                        "seed_scores": per_seed, "scores": scores})
         mean = better_half_mean(z, scores)
-    records.append({"generation": len(plan), "mean": mean})
+    final = {"generation": len(plan), "mean": mean, "result": mean}
+    if final_candidates:
+        z, origins = candidates(records, mean, final_candidates)
+        seeds = np.array(final_round_seeds(first_seed, population, ks, len(z), final_seeds))
+        per_seed = np.asarray(score(np.repeat(z, final_seeds, axis=0), plan[-1][1], seeds), dtype=np.float64)
+        scores = individual_scores(per_seed, final_seeds)
+        choice = int(ranking(scores)[0])  # ties (all failed included): the final mean, listed first
+        final.update(candidates=z, origins=origins, seeds=seeds, seed_scores=per_seed, scores=scores, choice=choice,
+                     result=z[choice])
+    records.append(final)
     return records
 
 
