@@ -5,7 +5,9 @@
 
 RUNS_DIR holds ``<task>/<optimizer>/`` sweep folders (``hydra.sweep.dir`` of
 ``python -m lodo.run -m hydra/sweeper=ga``, as ``make tune-small`` leaves
-them): ``ga_state.json`` and ``tuned.yaml`` from the sweep, and two
+them): ``ga_state.json`` and ``tuned.yaml`` from the sweep (the final
+selection round's best candidate, or the final mean for a sweep without that
+round), and two
 evaluation runs on the seeds the tuner never used (``seed=0 num_seeds=8``;
 tuning draws seeds from 1000 up): ``eval_ours/`` with our tuned values and
 ``eval_paper/`` with the paper's (``configs/tuned/<task>/<optimizer>.yaml``).
@@ -60,6 +62,15 @@ def summary(folder: Path):
     return found if isinstance(found, dict) and isinstance(found.get("loss_final_mean"), (int, float)) else None
 
 
+def origin(state: dict) -> str:
+    """Which point the sweep's result is: the final mean, or generation g's individual i (the final round's pick)."""
+    final = state.get("final")
+    if not final:
+        return "final mean"
+    chosen = final["origins"][final["choice"]]
+    return "final mean" if chosen is None else f"gen {chosen[0]}, individual {chosen[1]}"
+
+
 def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     rows, problems = [], []
     for state_path in sorted(runs_dir.glob("*/*/ga_state.json")):
@@ -69,8 +80,11 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             continue  # the image-task sweeps tune lost values: there is no paper's value to compare with
         try:  # a damaged state is one problem line, never a traceback (the sweeper itself refuses to resume it)
             state = json.loads(state_path.read_text())
-            plan, generations = state["setup"]["plan"], state["generations"]
-            walls = [float(g["wall_s"]) for g in generations]
+            plan, generations, final = state["setup"]["plan"], state["generations"], state.get("final") or {}
+            walls = [float(g["wall_s"]) for g in generations] + [float(final.get("wall_s", 0.0))]
+            seeds = [s for g in generations for s in g["seeds"]] + list(final.get("seeds", []))
+            ks = state["setup"].get("seeds_per_individual") or [1] * len(plan)
+            result = origin(state)
         except (OSError, ValueError, KeyError, TypeError) as err:
             problems.append(f"{task}/{optimizer}: {state_path} cannot be read ({type(err).__name__}: {err})")
             continue
@@ -96,12 +110,15 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             "eval_steps": eval_ours["steps"] if eval_ours else 0,
             "window": "-".join(str(w) for w in eval_ours["report_window"]) if eval_ours else "",
             "ratio": loss_ours / loss_paper if loss_paper and not math.isnan(loss_paper) else math.nan,
-            "tuning_s": sum(walls),
-            "retry_s": sum(g.get("retry_wall_s", 0.0) for g in state["generations"]),
+            "result": result,
+            "tuning_s": sum(walls), "final_s": float(final.get("wall_s", 0.0)),
+            "retry_s": sum(g.get("retry_wall_s", 0.0) for g in [*generations, final]),
             "generations": len(plan), "population": state["setup"]["population"],
+            "seeds_per_individual": "/".join(str(k) for k in ks) if len(set(ks)) > 1 else str(ks[0]),
+            "final_candidates": state["setup"].get("final_candidates", 0),
+            "final_seeds": state["setup"].get("final_seeds", 0),
             "center": json.dumps(dict(zip(state["setup"]["search_space"], state["setup"]["center"]))),
-            "tuning_seeds": f"{min(s for g in state['generations'] for s in g['seeds'])}-"
-                            f"{max(s for g in state['generations'] for s in g['seeds'])}",
+            "tuning_seeds": f"{min(seeds)}-{max(seeds)}", "first_tuning_seed": min(seeds),
         })
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -111,33 +128,45 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    header = ["Task", "Optimizer", "Our tuned values", "Paper's values (Table 6)", "Loss, ours", "Loss, paper's",
-              "Ours / paper", "Tuning time"]
+    header = ["Task", "Optimizer", "Our tuned values", "Picked", "Paper's values (Table 6)", "Loss, ours",
+              "Loss, paper's", "Ours / paper", "Tuning time"]
     rows = []
     for r in frame.to_dict("records"):
         ratio = "–" if math.isnan(r["ratio"]) else f"{r['ratio']:.3f}" + (" ✓" if r["ratio"] <= 1 + TOLERANCE else "")
         rows.append([TASKS.get(r["task"], r["task"]), report.label(r["optimizer"]),
-                     hyperparameters(json.loads(r["ours"])), hyperparameters(json.loads(r["paper"])),
+                     hyperparameters(json.loads(r["ours"])), r["result"], hyperparameters(json.loads(r["paper"])),
                      report.cell(r["loss_ours"], r["loss_ours_std"], r["diverged_ours"], r["seeds"], fmt="{:.4g}"),
                      report.cell(r["loss_paper"], r["loss_paper_std"], r["diverged_paper"], r["seeds"], fmt="{:.4g}"),
                      ratio, f"{r['tuning_s'] / 60:.1f} min"
                      + (f" ({r['retry_s'] / 60:.1f} re-running crashed jobs)" if r["retry_s"] >= 1 else "")])
+    schemes = []
+    for task in dict.fromkeys(frame["task"]) if not frame.empty else []:
+        r = frame[frame["task"] == task].iloc[0]
+        final = (f", then a final round: the final mean and the best {r['final_candidates']} individuals of the "
+                 f"generations at the last one's steps re-scored on {r['final_seeds']} fresh seeds each, the best of "
+                 f"them the result" if r["final_candidates"] else ", the result the final mean")
+        ks = r["seeds_per_individual"]
+        seeds = (f"{ks} seeds (per generation)" if "/" in ks else f"{ks} seed" + ("s" if ks != "1" else ""))
+        schemes.append(f"{TASKS.get(task, task)}: {r['generations']} generations x {r['population']} individuals x "
+                       f"{seeds} each{final}")
     text = report.markdown_table(header, rows)
     if not frame.empty:
         first = frame.iloc[0]
         centres = "; ".join(f"{report.label(r['optimizer'])} ({TASKS.get(r['task'], r['task'])}): "
                             + hyperparameters(json.loads(r["center"])) for r in frame.to_dict("records"))
         text += (
-            f"\nOur values: SPEC §4.1's genetic algorithm (`make tune-small`; {first['generations']} generations x "
-            f"{first['population']} individuals with the paper's schedules, tuning seeds {first['tuning_seeds']}), "
-            f"each tuned.yaml's final mean. Both columns are then evaluated on the same {first['seeds']} fresh "
+            f"\nOur values: SPEC §4.1's genetic algorithm (`make tune-small`) with the paper's schedules "
+            f"(configs/hydra/sweeper/ga.yaml; {'; '.join(schemes)}; tuning seeds from "
+            f"{frame['first_tuning_seed'].min()} up). "
+            f"Picked: the point tuned.yaml holds (the final round's winner: the final mean, or generation g's "
+            f"individual i). Both columns are then evaluated on the same {first['seeds']} fresh "
             f"seeds (0–{first['seeds'] - 1}, never used in tuning): mean ± std of the loss over steps "
             f"{', '.join(sorted(set(frame['window'])))} of {', '.join(str(s) for s in sorted(set(frame['eval_steps'])))}"
             f" steps (the bowl: its last 1%; Rosenbrock: 180–200). ✓: ours within {TOLERANCE:.0%} of the paper's "
-            f"loss or below. Tuning time: wall clock of the generations' jobs (compilation included) on a shared "
-            f"2-core CPU; in parentheses, the part spent re-running, in halves, generation jobs that crashed (a "
-            f"runaway individual's loss beyond float32's range stopped the runner's TensorBoard logging; fixed since, "
-            f"so sweeps run now have none). Generation 0 was centred on: {centres}.\n")
+            f"loss or below. Tuning time: wall clock of the generations' and the final round's jobs (compilation "
+            f"included) on a shared 2-core CPU"
+            + ("; in parentheses, the part spent re-running, in halves, jobs that crashed"
+               if (frame["retry_s"] >= 1).any() else "") + f". Generation 0 was centred on: {centres}.\n")
     return text
 
 

@@ -550,3 +550,34 @@ def test_the_schedules_settings_and_their_overrides():
     sweeper = GASweeper(schedules=GA_CONFIG["schedules"], seeds_per_individual=[3, 1], final_candidates=0)
     bowl = sweeper._schedule("noisy_quadratic_bowl", "bowl")
     assert (bowl.seeds(), bowl.final_candidates) == ([3] + [1] * 9, 0)
+
+
+def test_the_tuning_summary_reports_the_final_rounds_pick_its_time_and_the_loss_ratio(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tuning_summary", ROOT / "scripts" / "tuning_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    sweep = tmp_path / "rosenbrock" / "momentum"
+    sweep.mkdir(parents=True)
+    generations = [{"wall_s": 10.0, "retry_wall_s": 0.0, "seeds": [1000 + 4 * g + i for i in range(4)]}
+                   for g in range(2)]
+    final = {"wall_s": 5.0, "seeds": list(range(1008, 1014)), "origins": [None, [1, 3], [0, 2]], "choice": 1}
+    (sweep / "ga_state.json").write_text(json.dumps({
+        "setup": {"plan": [[3, 200], [2, 200]], "population": 2, "seeds_per_individual": [2, 2],
+                  "final_candidates": 2, "final_seeds": 2, "search_space": {"learning_rate": "rate"},
+                  "center": [0.01]}, "generations": generations, "final": final}))
+    (sweep / "tuned.yaml").write_text("learning_rate: 0.05\n")
+    for name, loss, lr in (("eval_ours", 1.0e-4, 0.05), ("eval_paper", 1.25e-4, 0.0987)):
+        (sweep / name).mkdir()
+        (sweep / name / "summary.json").write_text(json.dumps({
+            "loss_final_mean": loss, "loss_final_std": 0.0, "diverged": 0, "seeds": list(range(8)), "steps": 200,
+            "report_window": [180, 200], "hyperparameters": {"learning_rate": lr}}))
+    frame, problems = summary.collect(tmp_path)
+    assert problems == [] and len(frame) == 1
+    row = frame.iloc[0]
+    assert row["ratio"] == pytest.approx(0.8) and row["result"] == "gen 1, individual 3"
+    assert row["tuning_s"] == 25.0 and row["tuning_seeds"] == "1000-1013" and row["seeds_per_individual"] == "2"
+    text = summary.markdown(frame)
+    assert "| gen 1, individual 3 |" in text and "| 0.800 ✓ | 0.4 min |" in text
+    assert "2 generations x 2 individuals x 2 seeds each, then a final round" in text
