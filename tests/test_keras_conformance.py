@@ -45,6 +45,7 @@ SMALL = {
     "yogi": dict(learning_rate=0.05),
     "lars": dict(learning_rate=0.05, momentum=0.5),
     "momentum_ema": dict(learning_rate=0.05, momentum=0.5),
+    "soap": dict(learning_rate=0.05, precondition_frequency=2),
 }
 RATE = {name: "initial_lr" if name in variants.BY_NAME else "learning_rate" for name in SMALL}
 CASES = ["adam", *SMALL]
