@@ -144,3 +144,19 @@ def test_runs_on_the_bowl_and_a_model(name):
     x = np.random.default_rng(0).standard_normal((8, 3, 3, 1)).astype("float32")
     model.fit(x, np.ones((8, 2), "float32"), epochs=2, verbose=0)
     assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+
+
+def test_the_tuner_keeps_a_value_inside_the_optimizers_limit():
+    """The decay coordinate reaches β = 0 exactly; Keras's Lion refuses β1 = 0, so the tuner proposes the next
+    float above it (the same update: sign(g), to the last bit)."""
+    import keras
+
+    from hydra_plugins.lodo_ga_sweeper.ga_sweeper import GASweeper, _numeric_limits
+
+    sweeper = GASweeper.__new__(GASweeper)
+    keys = ["learning_rate", "beta_1", "beta_2"]
+    sweeper._bounds = _numeric_limits(registry.optimizer("lion").limits, keys)
+    values = sweeper._values([[0.0, 0.0, 0.0], [-1.0, -50.0, -1.0]], keys, ["rate", "decay", "decay"])
+    assert values[0] == [1.0, 5e-324, 0.0]  # β2 = 0 is inside its limit [0, 1]
+    assert 0.99 < values[1][1] < 1.0
+    keras.optimizers.Lion(learning_rate=values[0][0], beta_1=values[0][1], beta_2=values[0][2])

@@ -221,6 +221,7 @@ class GASweeper(Sweeper):
         task_name, optimizer_name = str(base.task.name), str(base.optimizer.name)
         space = self._search_space(base.optimizer)
         keys, kinds = list(space), [space[k] for k in space]
+        self._bounds = _numeric_limits(registry.optimizer(optimizer_name).limits, keys)
         center = []
         for key, kind in zip(keys, kinds):
             value = base.optimizer[key]
@@ -292,7 +293,7 @@ class GASweeper(Sweeper):
         for g in range(len(state["generations"]), stop):
             std, steps = plan[g]
             z = genetic.individuals(state["mean"], std, population, self.seed, g, kinds)
-            values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
+            values = self._values(z, keys, kinds)
             seeds = genetic.generation_seeds(self.first_seed, population, ks, g)
             scores, seed_scores, walls, folders, results = self._run_generation(
                 g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state)
@@ -333,7 +334,7 @@ class GASweeper(Sweeper):
         setup = state["setup"]
         gens = [dict(r, scores=[math.inf if v is None else v for v in r["scores"]]) for r in state["generations"]]
         z, origins = genetic.candidates(gens, state["mean"], count)
-        values = [[genetic.from_search(v, k) for v, k in zip(row, kinds)] for row in z]
+        values = self._values(z, keys, kinds)
         seeds = genetic.final_round_seeds(self.first_seed, setup["population"], setup["seeds_per_individual"],
                                           len(z), seeds_each)
         steps = gens[-1]["steps"]
@@ -355,6 +356,16 @@ class GASweeper(Sweeper):
         self._log(sweep_dir, f"final round ({sum(walls):.1f} s): the result is {_origin(origins[choice], gens)}, "
                              f"score {_fmt(scores[choice])} (the final mean's: {_fmt(scores[0])})")
         return results
+
+    def _values(self, z, keys, kinds) -> list:
+        """The hyperparameter values of search-space rows, each moved inside its YAML limit where the
+        transform reaches a bound the optimizer refuses (a decay of exactly 0 for Lion's β1 ∈ (0, 1])."""
+        from lodo.experiment import genetic
+
+        bounds = getattr(self, "_bounds", {})
+        return [[bounds[k].nearest(value) if k in bounds else value
+                 for k, value in ((k, genetic.from_search(v, kind)) for k, v, kind in zip(keys, row, kinds))]
+                for row in z]
 
     def _run_generation(self, g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state):
         """Launches a generation's jobs (g: its number, or "final" for the final round).
@@ -491,7 +502,7 @@ class GASweeper(Sweeper):
 
         final = state.get("final")
         result = final["z"][final["choice"]] if final else state["mean"]
-        tuned = {k: genetic.from_search(v, kind) for k, v, kind in zip(keys, result, kinds)}
+        tuned = dict(zip(keys, self._values([result], keys, kinds)[0]))
         halved = [k for k in keys if halve and k in self.rate_keys]
         for k in halved:
             tuned[k] /= 2
@@ -618,6 +629,21 @@ class GASweeper(Sweeper):
             fig.savefig(tmp, dpi=120)
             tmp.replace(sweep_dir / f"{PLOT_STEM}.{suffix}")  # atomic, like lodo.outputs
         plt.close(fig)
+
+
+def _numeric_limits(texts: dict, keys) -> dict:
+    """The tuned keys' YAML limits that bound a number (``lodo.experiment.limits``)."""
+    from lodo.experiment import limits
+
+    found = {}
+    for key in keys:
+        try:
+            limit = limits.parse(texts.get(key))
+        except (ValueError, TypeError):
+            continue
+        if limit.kind != "list" and (limit.low is not None or limit.high is not None):
+            found[key] = limit
+    return found
 
 
 def load_state(path: Path, setup: dict) -> Optional[dict]:

@@ -111,6 +111,19 @@ class Limit:
             raise ValueError(self.describe())
         return checked
 
+    def nearest(self, value: float) -> float:
+        """The number within the bounds nearest to ``value`` (an open bound: the next float inside it).
+
+        The genetic tuner's decay coordinate reaches 0 exactly, which e.g. Lion's β1 ∈ (0, 1] refuses;
+        the next float above 0 gives the same update to the last bit.
+        """
+        value = float(value)
+        if self.low is not None and (value < self.low or (self.low_open and value <= self.low)):
+            value = math.nextafter(self.low, math.inf) if self.low_open else float(self.low)
+        if self.high is not None and (value > self.high or (self.high_open and value >= self.high)):
+            value = math.nextafter(self.high, -math.inf) if self.high_open else float(self.high)
+        return value
+
     # -- what it says ---------------------------------------------------------------------------
 
     def _range(self, noun: str) -> str:
