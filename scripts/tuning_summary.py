@@ -117,6 +117,7 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             "seeds_per_individual": "/".join(str(k) for k in ks) if len(set(ks)) > 1 else str(ks[0]),
             "final_candidates": state["setup"].get("final_candidates", 0),
             "final_seeds": state["setup"].get("final_seeds", 0),
+            "final_steps": int(final.get("steps", 0)),
             "center": json.dumps(dict(zip(state["setup"]["search_space"], state["setup"]["center"]))),
             "tuning_seeds": f"{min(seeds)}-{max(seeds)}", "first_tuning_seed": min(seeds),
         })
@@ -143,7 +144,8 @@ def markdown(frame: pd.DataFrame) -> str:
     for task in dict.fromkeys(frame["task"]) if not frame.empty else []:
         r = frame[frame["task"] == task].iloc[0]
         final = (f", then a final round: the final mean and the best {r['final_candidates']} individuals of the "
-                 f"generations at the last one's steps re-scored on {r['final_seeds']} fresh seeds each, the best of "
+                 f"generations at the last one's steps re-scored on {r['final_seeds']} fresh seeds each over "
+                 f"{r['final_steps']} steps, the best of "
                  f"them the result" if r["final_candidates"] else ", the result the final mean")
         ks = r["seeds_per_individual"]
         seeds = (f"{ks} seeds (per generation)" if "/" in ks else f"{ks} seed" + ("s" if ks != "1" else ""))

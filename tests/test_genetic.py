@@ -249,7 +249,8 @@ class FakeLauncher:
                 continue
             folder = Path(job["hydra.sweep.dir"].strip("'")) / job["hydra.sweep.subdir"]
             folder.mkdir(parents=True)
-            rows = "".join(f"{s},{step},0.0,{s}.0\n" for s in seeds for step in (5, 10))
+            steps = int(job["steps"])
+            rows = "".join(f"{s},{step},0.0,{s}.0\n" for s in seeds for step in (steps // 2, steps))
             (folder / "curve.csv").write_text("seed,step,train_time_s,loss\n" + rows)
             returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value={}))
         return returns
@@ -340,7 +341,8 @@ def test_seed_layout_is_consecutive_blocks_and_the_final_round_seeds_are_fresh()
     assert schedule("bowl").seeds(12)[-1] == 2 and schedule("resnet18").seeds() == [1] * 10
     for field, value, words in [("seeds_per_individual", (1, 0), "seeds_per_individual"),
                                 ("final_candidates", -1, "final_candidates must be an integer >= 0"),
-                                ("final_seeds", 0, "final_seeds must be a positive integer")]:
+                                ("final_seeds", 0, "final_seeds must be a positive integer"),
+                                ("final_steps", "last", "final_steps must be a positive integer, 'task' or null")]:
         with pytest.raises(ValueError, match=words):
             genetic.Schedule("bad", (1.0,), (10,), 4, **{field: value})
 
@@ -457,7 +459,7 @@ def final_round_state(tmp_path, population=4, k=2):
     kinds = ["rate"]
     setup = {"task": "rosenbrock", "optimizer": "adam", "search_space": {"learning_rate": "rate"}, "center": [0.1],
              "population": population, "plan": [[3.0, 10], [2.0, 10]], "seeds_per_individual": [k, k],
-             "final_candidates": 2, "final_seeds": 3}
+             "final_candidates": 2, "final_seeds": 3, "final_steps": 10}
     generations = []
     for g in range(2):
         z = [[math.log(0.01 * (1 + i + g * population))] for i in range(population)]
@@ -505,10 +507,10 @@ def test_a_format_1_state_resumes_as_its_own_sweep_or_is_refused_in_one_line(tmp
 
     state = final_round_state(tmp_path, k=1)
     old_setup = {k: v for k, v in state["setup"].items() if k not in ("seeds_per_individual", "final_candidates",
-                                                                      "final_seeds")}
+                                                                      "final_seeds", "final_steps")}
     path = tmp_path / "ga_state.json"
     path.write_text(json.dumps(dict(state, format=1, setup=old_setup)))
-    as_before = dict(old_setup, seeds_per_individual=[1, 1], final_candidates=0, final_seeds=0)
+    as_before = dict(old_setup, seeds_per_individual=[1, 1], final_candidates=0, final_seeds=0, final_steps=0)
     loaded = load_state(path, as_before)
     assert loaded["format"] == STATE_FORMAT and loaded["setup"] == as_before
     assert loaded["generations"] == state["generations"]
@@ -517,7 +519,7 @@ def test_a_format_1_state_resumes_as_its_own_sweep_or_is_refused_in_one_line(tmp
             load_state(path, setup)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
         assert "state format 1" in str(err.value) and "hydra.sweeper.final_candidates=0" in str(err.value)
-    with pytest.raises(SweepError, match=r"other settings \(final_candidates, final_seeds, seed"):
+    with pytest.raises(SweepError, match=r"other settings \(final_candidates, final_seeds, final_steps, seed"):
         load_state(path, dict(state["setup"], seed=3))  # another sweep altogether: its differences are named
     # A state whose seeds do not match its seeds per individual, or with a broken final record, is damaged.
     bad = dict(state, setup=dict(state["setup"], seeds_per_individual=[2, 2]))
@@ -534,6 +536,7 @@ def test_a_format_1_state_resumes_as_its_own_sweep_or_is_refused_in_one_line(tmp
     ("seeds_per_individual", [2, "x"], "seeds_per_individual must be a positive integer, a list of them"),
     ("final_candidates", -1, "final_candidates must be a non-negative integer or null"),
     ("final_seeds", 0, "final_seeds must be a positive integer or null"),
+    ("final_steps", "all", "final_steps must be a positive integer, 'task' \\(the run's steps\\) or null"),
 ])
 def test_bad_new_settings_are_refused_in_one_line(setting, value, words):
     with pytest.raises(SweepError, match=f"hydra.sweeper.{words}"):
@@ -543,8 +546,8 @@ def test_bad_new_settings_are_refused_in_one_line(setting, value, words):
 def test_the_schedules_settings_and_their_overrides():
     sweeper = GASweeper(schedules=GA_CONFIG["schedules"])
     bowl = sweeper._schedule("noisy_quadratic_bowl", "bowl")
-    assert (bowl.seeds(), bowl.final_candidates, bowl.final_seeds) == (
-        [1, 1, 1, 1, 1, 1, 1, 2, 2, 2], 5, 8)
+    assert (bowl.seeds(), bowl.final_candidates, bowl.final_seeds, bowl.final_steps) == (
+        [1, 1, 1, 1, 1, 1, 1, 2, 2, 2], 4, 2, "task")
     image = sweeper._schedule("pixelcnn_mnist", "image_generation")
     assert (image.seeds(), image.final_candidates) == ([1] * 10, 0)  # the image schedules: the paper's algorithm
     sweeper = GASweeper(schedules=GA_CONFIG["schedules"], seeds_per_individual=[3, 1], final_candidates=0)
@@ -562,7 +565,8 @@ def test_the_tuning_summary_reports_the_final_rounds_pick_its_time_and_the_loss_
     sweep.mkdir(parents=True)
     generations = [{"wall_s": 10.0, "retry_wall_s": 0.0, "seeds": [1000 + 4 * g + i for i in range(4)]}
                    for g in range(2)]
-    final = {"wall_s": 5.0, "seeds": list(range(1008, 1014)), "origins": [None, [1, 3], [0, 2]], "choice": 1}
+    final = {"wall_s": 5.0, "seeds": list(range(1008, 1014)), "origins": [None, [1, 3], [0, 2]], "choice": 1,
+             "steps": 800}
     (sweep / "ga_state.json").write_text(json.dumps({
         "setup": {"plan": [[3, 200], [2, 200]], "population": 2, "seeds_per_individual": [2, 2],
                   "final_candidates": 2, "final_seeds": 2, "search_space": {"learning_rate": "rate"},
@@ -581,3 +585,34 @@ def test_the_tuning_summary_reports_the_final_rounds_pick_its_time_and_the_loss_
     text = summary.markdown(frame)
     assert "| gen 1, individual 3 |" in text and "| 0.800 ✓ | 0.4 min |" in text
     assert "2 generations x 2 individuals x 2 seeds each, then a final round" in text
+    assert "re-scored on 2 fresh seeds each over 800 steps" in text
+
+
+def test_the_final_round_can_train_longer_than_the_generations_and_ranks_by_that_horizon(tmp_path):
+    """The best value after a short run differs from the best after the task's long run (as Yogi's on the bowl):
+    a final round over the long run picks the candidate that is best there."""
+    plan = [(1.0, 100)] * 4
+
+    def score(z, steps, seeds):
+        best = 0.0 if steps == 100 else 0.8  # the long run prefers a larger learning rate
+        return (z[:, 0] - best) ** 2
+
+    records = genetic.minimize(score, [0.0], ["rate"], plan, 16, seed=2, first_seed=1000, final_candidates=5,
+                               final_steps=10_000)
+    final = records[-1]
+    assert final["steps"] == 10_000
+    long = (final["candidates"][:, 0] - 0.8) ** 2
+    assert final["choice"] == int(np.argmin(long)) and final["scores"].tolist() == pytest.approx(long.tolist())
+    short = genetic.minimize(score, [0.0], ["rate"], plan, 16, seed=2, first_seed=1000, final_candidates=5)[-1]
+    assert short["steps"] == 100 and short["choice"] == int(np.argmin(short["candidates"][:, 0] ** 2))
+    assert final["result"][0] > short["result"][0]
+
+    state = final_round_state(tmp_path)
+    state["setup"]["final_steps"] = 50
+    sweeper = GASweeper()
+    sweeper.launcher = FakeLauncher(bad_seeds=set())
+    sweeper.validate_batch_is_legal = lambda batch: None
+    sweeper._final_round(state, ["learning_rate"], ["rate"], 2, 3, False, False, [], tmp_path, tmp_path / "s.json")
+    job = sweeper.launcher.batches[0][0]
+    assert (job["steps"], job["log_every"], job["chunk_size"]) == ("50", "5", "50") and state["final"]["steps"] == 50
+    assert state["final"]["scores"] == [1017.0, 1020.0, 1023.0]  # scored over the longer run's window

@@ -55,7 +55,7 @@ TUNED_FILE = "tuned.yaml"
 PLOT_STEM = "tuning"
 EXPORTED = (STATE_FILE, LOG_FILE, TUNED_FILE, f"{PLOT_STEM}.png", f"{PLOT_STEM}.pdf")
 STATE_FORMAT = 2  # 2: seeds_per_individual and the final selection round (a format-1 state is their absence)
-NEW_SETTINGS = ("seeds_per_individual", "final_candidates", "final_seeds")  # the setup's keys since format 2
+NEW_SETTINGS = ("seeds_per_individual", "final_candidates", "final_seeds", "final_steps")  # the setup's keys since format 2
 # Set by the sweeper for every generation; the setting that controls each instead.
 RESERVED = {"seed": "hydra.sweeper.first_seed", "num_seeds": "hydra.sweeper.population",
             "steps": "hydra.sweeper.steps"}
@@ -82,12 +82,13 @@ class GASweeper(Sweeper):
                  rate_keys: Any = ("learning_rate", "initial_lr", "eta0"), search_space: Any = None,
                  stop_after: Optional[int] = None, install: Any = False, export_dir: Optional[str] = None,
                  job_overrides: Any = (), schedules: Any = None, seeds_per_individual: Any = None,
-                 final_candidates: Optional[int] = None, final_seeds: Optional[int] = None) -> None:
+                 final_candidates: Optional[int] = None, final_seeds: Optional[int] = None,
+                 final_steps: Any = None) -> None:
         super().__init__()
         self.schedule_name = schedule
         self.population, self.generations, self.steps = population, generations, steps
         self.seeds_per_individual = _plain(seeds_per_individual)
-        self.final_candidates, self.final_seeds = final_candidates, final_seeds
+        self.final_candidates, self.final_seeds, self.final_steps = final_candidates, final_seeds, final_steps
         self.score_window, self.seed, self.first_seed = score_window, seed, first_seed
         self.halve_rates_after = halve_rates_after
         self.rate_keys = list(_plain(rate_keys) or [])
@@ -126,6 +127,9 @@ class GASweeper(Sweeper):
         if self.final_candidates is not None and not _count(self.final_candidates, zero=True):
             raise SweepError(f"hydra.sweeper.final_candidates must be a non-negative integer or null, got "
                              f"{self.final_candidates!r}")
+        if not (self.final_steps is None or self.final_steps == "task" or _count(self.final_steps)):
+            raise SweepError(f"hydra.sweeper.final_steps must be a positive integer, 'task' (the run's steps) or null, "
+                             f"got {self.final_steps!r}")
         if self.population is not None and self.population < 2:
             raise SweepError(f"hydra.sweeper.population must be at least 2, got {self.population}")
         for key in ("seed", "first_seed"):
@@ -170,7 +174,8 @@ class GASweeper(Sweeper):
                                     bool(entry.get("halve_rates_after", False)),
                                     tuple(k) if isinstance(k, list) else k,
                                     _first(self.final_candidates, entry.get("final_candidates", 0)),
-                                    _first(self.final_seeds, entry.get("final_seeds", 1)))
+                                    _first(self.final_seeds, entry.get("final_seeds", 1)),
+                                    _first(self.final_steps, entry.get("final_steps")))
         except (KeyError, TypeError, ValueError) as err:
             raise SweepError(f"GA schedule {name!r}: {err}") from None
 
@@ -241,6 +246,8 @@ class GASweeper(Sweeper):
         ks = schedule.seeds(len(plan))
         final_count = int(schedule.final_candidates)
         final_seeds = int(schedule.final_seeds) if final_count else 0
+        final_steps = ({None: plan[-1][1], "task": int(base.steps)}.get(schedule.final_steps, schedule.final_steps)
+                       if final_count else 0)
         halve = schedule.halve_rates_after if self.halve_rates_after is None else bool(self.halve_rates_after)
         # One job per individual where a generation cannot be one multi-seed program: image tasks train one
         # model per job, and an optimizer without per-seed hyperparameters cannot give each seed its own values.
@@ -262,7 +269,7 @@ class GASweeper(Sweeper):
             "center": center, "schedule": schedule.name, "population": population, "plan": plan,
             "seed": self.seed, "first_seed": self.first_seed, "score_window": self.score_window,
             "one_job_per_individual": separate, "job_overrides": self.job_overrides, "seeds_per_individual": ks,
-            "final_candidates": final_count, "final_seeds": final_seeds}))
+            "final_candidates": final_count, "final_seeds": final_seeds, "final_steps": final_steps}))
         state_path = sweep_dir / STATE_FILE
         state = load_state(state_path, setup)  # before anything is written: a damaged state stops the sweep
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +286,7 @@ class GASweeper(Sweeper):
                      "started": _now()}
             seeds = _seed_count(ks)
             final = (f"; then a final round: the final mean and the best {final_count} individuals on {final_seeds} "
-                     f"fresh seeds each" if final_count else "; the result is the final mean")
+                     f"fresh seeds each, {final_steps} steps" if final_count else "; the result is the final mean")
             self._log(sweep_dir, f"GA on {task_name} / {optimizer_name}: {len(plan)} generations x {population} "
                                  f"individuals x {seeds} each, schedule {schedule.name}, tuning {', '.join(keys)} from "
                                  + ", ".join(f"{k}={v:.6g}" for k, v in zip(keys, center)) + final)
@@ -337,7 +344,7 @@ class GASweeper(Sweeper):
         values = self._values(z, keys, kinds)
         seeds = genetic.final_round_seeds(self.first_seed, setup["population"], setup["seeds_per_individual"],
                                           len(z), seeds_each)
-        steps = gens[-1]["steps"]
+        steps = int(setup.get("final_steps") or gens[-1]["steps"])
         scores, seed_scores, walls, folders, results = self._run_generation(
             "final", steps, keys, values, seeds, image, separate, kept, sweep_dir, state)
         choice = int(genetic.ranking(scores)[0])
@@ -672,7 +679,8 @@ def load_state(path: Path, setup: dict) -> Optional[dict]:
     stored = state.get("setup")
     if state.get("format") == 1 and isinstance(stored, dict) and isinstance(stored.get("plan"), list):
         # Format 1 had one seed per individual and the final mean as the result: it continues as that sweep.
-        old = dict(stored, seeds_per_individual=[1] * len(stored["plan"]), final_candidates=0, final_seeds=0)
+        old = dict(stored, seeds_per_individual=[1] * len(stored["plan"]), final_candidates=0, final_seeds=0,
+                   final_steps=0)
         if old == setup:
             state, stored = dict(state, format=STATE_FORMAT, setup=setup), setup
         elif all(old.get(k) == setup.get(k) for k in set(old) | set(setup) if k not in NEW_SETTINGS):

@@ -14,7 +14,8 @@ an edge (a learning rate just below divergence) or in narrow bands, the better
 half's centroid lands in a worse place than the best individuals, so an
 optional final selection round re-scores the final mean and the best
 individuals of the generations run at the final step count on fresh seeds,
-and the best of them is the answer.
+optionally over a longer run (the bowl's ranking at 8000 steps is not its
+ranking at 100k), and the best of them is the answer.
 
 Nothing here trains or reads files: the Hydra sweeper
 (``hydra_plugins/lodo_ga_sweeper``) launches the jobs and feeds their scores
@@ -85,6 +86,7 @@ class Schedule:
     seeds_per_individual: tuple | int = 1  # one per generation (extended like std), or one for all
     final_candidates: int = 0  # best individuals re-scored beside the final mean; 0: the paper's final mean
     final_seeds: int = 1  # seeds per candidate in the final selection round
+    final_steps: int | str | None = None  # its training steps; None: the last generation's; "task": the run's own
 
     def __post_init__(self):
         if len(self.std) != len(self.steps) or not self.std:
@@ -104,6 +106,9 @@ class Schedule:
         if not _positive_int(self.final_seeds):
             raise ValueError(f"schedule {self.name!r}: final_seeds must be a positive integer, got "
                              f"{self.final_seeds!r}")
+        if not (self.final_steps is None or self.final_steps == "task" or _positive_int(self.final_steps)):
+            raise ValueError(f"schedule {self.name!r}: final_steps must be a positive integer, 'task' or null, got "
+                             f"{self.final_steps!r}")
 
     def plan(self, generations: int | None = None, steps: int | None = None) -> list[tuple[float, int]]:
         """(std, steps) per generation. Fewer generations take the schedule's first ones; more repeat its last."""
@@ -251,14 +256,15 @@ def window_length(total_steps: int, fraction: float) -> int:
 def minimize(score: Callable[[np.ndarray, int, np.ndarray], np.ndarray], center: Sequence[float],
              kinds: Sequence[str], plan: Sequence[tuple[float, int]], population: int, seed: int = 0,
              seeds_per_individual=1, first_seed: int = 0, final_candidates: int = 0,
-             final_seeds: int = 1) -> list[dict]:
+             final_seeds: int = 1, final_steps: int | None = None) -> list[dict]:
     """The whole algorithm in memory: ``score(z [N, D], steps, seeds [N]) -> [N]`` per seed.
 
     Each individual's row of z comes k times, once per seed. Returns one
     record per generation (mean, std, individuals, scores), then the final
     record: the final mean, and with ``final_candidates`` the round's
-    candidates, origins, per-seed and combined scores and choice; its
-    ``result`` is the answer. The sweeper runs the same steps, with a saved
+    candidates, origins, per-seed and combined scores and choice (trained
+    ``final_steps``, by default the last generation's); its ``result`` is
+    the answer. The sweeper runs the same steps, with a saved
     state between generations.
     """
     mean = np.array([clip_search(c, k) for c, k in zip(center, kinds)], dtype=np.float64)
@@ -276,11 +282,12 @@ def minimize(score: Callable[[np.ndarray, int, np.ndarray], np.ndarray], center:
     if final_candidates:
         z, origins = candidates(records, mean, final_candidates)
         seeds = np.array(final_round_seeds(first_seed, population, ks, len(z), final_seeds))
-        per_seed = np.asarray(score(np.repeat(z, final_seeds, axis=0), plan[-1][1], seeds), dtype=np.float64)
+        steps = plan[-1][1] if final_steps is None else int(final_steps)
+        per_seed = np.asarray(score(np.repeat(z, final_seeds, axis=0), steps, seeds), dtype=np.float64)
         scores = individual_scores(per_seed, final_seeds)
         choice = int(ranking(scores)[0])  # ties (all failed included): the final mean, listed first
-        final.update(candidates=z, origins=origins, seeds=seeds, seed_scores=per_seed, scores=scores, choice=choice,
-                     result=z[choice])
+        final.update(candidates=z, origins=origins, steps=steps, seeds=seeds, seed_scores=per_seed, scores=scores,
+                     choice=choice, result=z[choice])
     records.append(final)
     return records
 
