@@ -17,7 +17,7 @@ import importlib
 
 # The Keras optimizers this package adds, for ``from optimizers import Yogi, LARS``
 # (imported on first access, like the registry's modules).
-KERAS_OPTIMIZERS = {"Yogi": "optimizers.yogi", "LARS": "optimizers.lars", "SOAP": "optimizers.soap"}
+KERAS_OPTIMIZERS = {"Yogi": "optimizers.yogi", "LARS": "optimizers.lars", "PSGDKron": "optimizers.psgd_kron", "SOAP": "optimizers.soap"}
 
 
 def __getattr__(name):
