@@ -33,11 +33,18 @@ CASES = {
     "lodo_global": LODO,
     "lodo_residuals": dict(LODO, num_layers=2),
     "lodo_sgd": dict(LODO, num_layers=2),
+    # Keras's own optimizers, one per seed (lodo.functional.PerSeedKeras); Lamb's rule is not element-wise.
+    "lamb": dict(learning_rate=[0.05, 0.2], beta_1=[0.5, 0.9]),
+    "soap": dict(learning_rate=[0.3, 0.05], beta_1=[0.9, 0.5], beta_2=[0.95, 0.99], shampoo_beta=[0.9, 0.99]),
+    "psgd_kron": dict(learning_rate=[0.3, 0.1], beta_1=[0.9, 0.5], preconditioner_lr=[0.1, 0.3],
+                      preconditioner_update_probability=[1.0, 0.5]),
 }
 SHARED = {  # same per-seed code as the case named
     "momentum_ema": ("momentum", dict(learning_rate=[0.9, 1.3], momentum=[0.0, 0.95])),
     "lbfgs": ("olbfgs", dict(eta0=[0.5, 0.2], tau=[100.0, 50.0], memory=8)),
     "lodo_no_momentum": ("lodo", dict(initial_lr=[0.27, 0.5], meta_lr=[1e-3, 1e-2], num_layers=2)),
+    **{name: ("lamb", dict(learning_rate=[0.05, 0.2])) for name in
+       ("adamw", "nadam", "lion", "adafactor", "muon", "schedule_free_adamw")},
 }
 
 
