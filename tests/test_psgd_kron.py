@@ -235,6 +235,7 @@ def test_a_variable_first_trained_late_starts_from_its_own_first_gradient(float6
     np.testing.assert_allclose(late.numpy(), theta, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.long  # end-to-end: make test-long
 @pytest.mark.slow
 def test_keras_fit_compiled_follows_eager_training():
     """The probes are XLA-drawn in every mode, so a jit-compiled fit follows an eager one."""
@@ -325,6 +326,7 @@ def test_footprint_counts_what_init_allocates():
 
 # -- through the framework -------------------------------------------------------------------------------
 
+@pytest.mark.long  # end-to-end: make test-long
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["noisy_quadratic_bowl", "rosenbrock"])
 def test_a_short_run_through_the_framework(tmp_path, task):

@@ -243,6 +243,7 @@ def test_keras_class_in_float32_under_a_compiled_step():
         np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.long  # end-to-end: make test-long
 @pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_keras_fit_trains_a_model(jit_compile):
@@ -255,6 +256,7 @@ def test_keras_fit_trains_a_model(jit_compile):
     assert np.isfinite(loss).all() and loss[-1] < 0.5 * loss[0]
 
 
+@pytest.mark.long  # end-to-end: make test-long
 @pytest.mark.slow
 def test_mirrored_strategy_keeps_the_replicas_identical_and_follows_one_device():
     """2 logical CPUs: the replicas' optimizer states agree exactly; the fit follows a single device to
@@ -300,6 +302,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(bad, message):
         Engine(registry.build_task("noisy_quadratic_bowl", dim=3), engine_soap(beta_1=[0.5, 0.6]), [0, 1, 2])
 
 
+@pytest.mark.long  # end-to-end: make test-long
 @pytest.mark.slow
 def test_runs_through_the_framework(tmp_path):
     """``lodo.run`` on the bowl and Rosenbrock finishes with a finite loss; a bad setting is refused first."""
