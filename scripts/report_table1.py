@@ -61,7 +61,7 @@ def markdown(table: pd.DataFrame, optimum: float | None, seconds) -> str:
              "–" if report.missing(r.seed_steps_per_s) else f"{r.seed_steps_per_s:,.0f}"]
             for r in table.itertuples()]
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the training loss averaged over the last 1% of "
-            "steps. \"?\": the paper's value is lost in our copy (SPEC §5). ")
+            "steps. \"?\": the paper's value is lost in our copy (SPEC §5); \"–\": an optimizer the paper did not run. ")
     if optimum is not None:
         note += f"Analytic optimum ½·tr(H)·σ² = {optimum:.3f}. "
     note += ("All seeds of an optimizer run together in one compiled program, so each seed is charged the group's "

@@ -49,7 +49,7 @@ def entries(table: pd.DataFrame) -> list[list[str]]:
     rows = []
     for r in table.to_dict("records"):
         paper = report.paper_cell(r["paper_loss"])
-        if not report.missing(r["paper_loss_std"]):
+        if not report.missing(r["paper_loss_std"]) and r["paper_loss_std"] != report.NOT_IN_PAPER:
             paper += f" ± {r['paper_loss_std']}"
         ratio = "–" if report.missing(r["ratio_to_paper"]) else f"{r['ratio_to_paper']:.2f}"
         rows.append([report.label(r["optimizer"]),
@@ -64,7 +64,7 @@ def markdown(table: pd.DataFrame) -> str:
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the loss averaged over steps {windows} "
             f"({int(table.steps.max())} steps from (−0.5, 2); f = 0.01(1 − x)² + (y − x²)², minimum 0 at (1, 1)). "
             "Rosenbrock has no noise, so the seeds differ only in LODO's own random draws (permutations and "
-            "initial blocks): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper. "
+            "initial blocks): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ("–": an optimizer the paper did not run). "
             + report.DIVERGENCE_NOTE)
     return report.markdown_table(["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"], entries(table)) + note + "\n"
 

@@ -200,12 +200,18 @@ def read_paper(path: Path) -> pd.DataFrame:
     return frame.set_index("optimizer")
 
 
+NOT_IN_PAPER = "–"  # an optimizer the paper did not run (the extended tables' newer ones)
+
+
 def paper_value(paper: pd.DataFrame, name: str, column: str):
-    return paper.loc[name, column] if paper is not None and name in paper.index else None
+    """The paper's entry; None where it is lost from our copy, ``NOT_IN_PAPER`` for an optimizer it did not run."""
+    if paper is None:
+        return None
+    return paper.loc[name, column] if name in paper.index else NOT_IN_PAPER
 
 
 def paper_cell(value) -> str:
-    """'?' where the paper's value is lost, the value as the paper printed it otherwise."""
+    """'?' where the paper's value is lost, '–' where the paper did not run it, the value as printed otherwise."""
     return "?" if missing(value) else str(value)
 
 
