@@ -104,15 +104,15 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
     """Training loss by step and by training time, mean over seeds, smoothed over ``smooth`` curve points."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.get_cmap("tab10")
-    for i, (name, run) in enumerate(runs.items()):
+    styles = report.line_styles(runs)
+    for name, run in runs.items():
         curve = run.curve
         if curve.empty:
             continue
         mean = curve.groupby("step", as_index=False).agg(loss=("loss", "mean"), train_time_s=("train_time_s", "mean"))
         loss = mean["loss"].rolling(smooth, min_periods=1).mean()
-        axes[0].plot(mean["step"], loss, label=report.label(name), color=colors(i % 10))
-        axes[1].plot(mean["train_time_s"], loss, label=report.label(name), color=colors(i % 10))
+        axes[0].plot(mean["step"], loss, label=report.label(name), **styles[name])
+        axes[1].plot(mean["train_time_s"], loss, label=report.label(name), **styles[name])
     for ax, xlabel in zip(axes, ("step", "training time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss (smoothed)")

@@ -79,15 +79,13 @@ def latex(table: pd.DataFrame) -> str:
 def figure(runs: dict, out_dir: Path) -> None:
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # eleven lines need more than ten colors
-    for ax in axes[:2]:
-        ax.set_prop_cycle(color=colors)
+    styles = report.line_styles(runs)
     for name, run in runs.items():
         curve = run.curve.dropna(subset=["loss"])
         by_step = curve.groupby("step").agg(loss=("loss", "mean"), t=("train_time_s", "first")).reset_index()
         in_steps = by_step[by_step.step <= run.summary["steps"]]
-        axes[0].plot(in_steps.step, in_steps.loss, label=report.label(name), lw=1)
-        axes[1].plot(by_step.t, by_step.loss, label=report.label(name), lw=1)
+        axes[0].plot(in_steps.step, in_steps.loss, label=report.label(name), lw=1, **styles[name])
+        axes[1].plot(by_step.t, by_step.loss, label=report.label(name), lw=1, **styles[name])
     optimum = next((r.summary.get("optimum_loss") for r in runs.values() if r.summary.get("optimum_loss")), None)
     for ax, xlabel in zip(axes[:2], ["step", "training time (s)"]):
         if optimum:

@@ -64,7 +64,7 @@ def markdown(table: pd.DataFrame) -> str:
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the loss averaged over steps {windows} "
             f"({int(table.steps.max())} steps from (−0.5, 2); f = 0.01(1 − x)² + (y − x²)², minimum 0 at (1, 1)). "
             "Rosenbrock has no noise, so the seeds differ only in LODO's own random draws (permutations and "
-            "initial blocks): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ("–": an optimizer the paper did not run). "
+            "initial blocks): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ('–': an optimizer the paper did not run). "
             + report.DIVERGENCE_NOTE)
     return report.markdown_table(["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"], entries(table)) + note + "\n"
 
@@ -90,13 +90,14 @@ def figure3(runs: dict, out_dir: Path) -> None:
     mesh = ax.imshow(f, origin="lower", extent=(*X_RANGE, *Y_RANGE), aspect="auto", cmap="Greys_r",
                      norm=LogNorm(vmin=max(f.min(), 1e-5), vmax=f.max()), interpolation="bilinear")
     fig.colorbar(mesh, ax=ax, label="f(x, y)  (log scale)")
-    for i, (name, run) in enumerate(runs.items()):
+    styles = report.line_styles(runs)
+    for name, run in runs.items():
         if not (run.folder / "trajectory.csv").exists():
             continue
         points = run.read_csv("trajectory.csv")
         seed0 = points[points.seed == points.seed.min()].sort_values("step")
-        ax.plot(seed0.theta_0, seed0.theta_1, "-", color=f"C{i}", lw=1.3, label=report.label(name))
-        ax.plot(seed0.theta_0.iloc[-1], seed0.theta_1.iloc[-1], "o", color=f"C{i}", ms=5)
+        ax.plot(seed0.theta_0, seed0.theta_1, lw=1.3, label=report.label(name), **styles[name])
+        ax.plot(seed0.theta_0.iloc[-1], seed0.theta_1.iloc[-1], "o", color=styles[name]["color"], ms=5)
     start = next(iter(runs.values())).task_option("start", [-0.5, 2.0])
     ax.plot(*start, "s", color="white", mec="k", ms=8, label="start (−0.5, 2)")
     ax.plot(1, 1, "*", color="gold", mec="k", ms=16, label="minimum (1, 1)")
@@ -110,9 +111,10 @@ def figure3(runs: dict, out_dir: Path) -> None:
 def figure11(runs: dict, out_dir: Path) -> None:
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, (name, run) in enumerate(runs.items()):
+    styles = report.line_styles(runs)
+    for name, run in runs.items():
         curve = run.curve.dropna(subset=["loss"]).groupby("step").loss.mean()
-        ax.plot(curve.index, curve.values, color=f"C{i}", lw=1.3, label=report.label(name))
+        ax.plot(curve.index, curve.values, lw=1.3, label=report.label(name), **styles[name])
     window = next(iter(runs.values())).summary["report_window"]
     ax.axvspan(*window, color="k", alpha=0.08, label=f"report window {window[0]}–{window[1]}")
     ax.set(yscale="log", xlabel="step", ylabel="loss (mean of seeds)", title="Rosenbrock: learning curves")

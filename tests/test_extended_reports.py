@@ -70,3 +70,8 @@ def test_throughput_chart_marks_the_newer_optimizers_against_the_target(sweep, t
     assert "| SOAP | newer | 2 | 1,500 | no |" in table
     assert "| Adam | paper's | 2 | 100,000 |  |" in table
     assert (out / "throughput.png").stat().st_size > 0 and (out / "throughput.pdf").stat().st_size > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scripts").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_compiles(path):
+    compile(path.read_text(), str(path), "exec")

@@ -341,6 +341,17 @@ def write_error(err: OSError, stage: Path | None, out_dir: Path, what: str) -> s
             f"pass another folder")
 
 
+def line_styles(names) -> dict:
+    """One look per optimizer in a figure: up to 20 distinct colours, the paper's optimizers solid and the
+    newer ones (ordered after the paper's) dashed, so an extended figure's twenty lines stay apart."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    colors = colors[::2] + colors[1::2]
+    return {name: {"color": colors[i % len(colors)], "ls": "--" if order_key(name)[0] > 20 else "-"}
+            for i, name in enumerate(names)}
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive backend (reports run headless)."""
     import matplotlib
