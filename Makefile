@@ -171,11 +171,15 @@ reproduce-extended: install  ## the extended Tables 1, 8 and 2 (CPU scale), pape
 	$(MAKE) report-extended && exit $$status
 
 report-extended: install  ## rebuild results/extended/ from runs/table1, runs/table8, runs/table2 without training
-	$(RUN) scripts/report_table1.py runs/table1 $(EXTENDED) --optimizers all --readme README.md --marker extended_table1
-	$(RUN) scripts/report_table8.py runs/table8 $(EXTENDED) --optimizers all --readme README.md --marker extended_table8
-	$(RUN) scripts/report_throughput.py runs/table1 $(EXTENDED)
+	status=0; \
+	$(RUN) scripts/report_table8.py runs/table8 $(EXTENDED) --optimizers all --readme README.md \
+	  --marker extended_table8 || status=1; \
+	$(RUN) scripts/report_table1.py runs/table1 $(EXTENDED) --optimizers all --readme README.md \
+	  --marker extended_table1 || status=1; \
+	$(RUN) scripts/report_throughput.py runs/table1 $(EXTENDED) || status=1; \
 	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) $(EXTENDED) --optimizers all $(CPU_EXPECT) \
-	  --readme README.md --marker extended_table2
+	  --readme README.md --marker extended_table2 || status=1; \
+	exit $$status
 
 # Ready for a GPU: on a machine with an NVIDIA GPU, at most 10 minutes (a guard stops what is left); without one,
 # one line and exit 0.

@@ -63,8 +63,8 @@ def markdown(table: pd.DataFrame) -> str:
     windows = ", ".join(sorted(set(table.window)))
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the loss averaged over steps {windows} "
             f"({int(table.steps.max())} steps from (−0.5, 2); f = 0.01(1 − x)² + (y − x²)², minimum 0 at (1, 1)). "
-            "Rosenbrock has no noise, so the seeds differ only in LODO's own random draws (permutations and "
-            "initial blocks): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ('–': an optimizer the paper did not run). "
+            "Rosenbrock has no noise, so the seeds differ only in an optimizer's own random draws (LODO's "
+            "permutations and initial blocks, PSGD-Kron's probes): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ('–': an optimizer the paper did not run). "
             + report.DIVERGENCE_NOTE)
     return report.markdown_table(["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"], entries(table)) + note + "\n"
 
