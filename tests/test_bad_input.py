@@ -36,7 +36,7 @@ TINY = ["steps=3", "num_seeds=1", "task.dim=4", "optimizer.num_layers=1", "progr
 BEFORE_TENSORFLOW = {
     # names of choices and the shape of the command line
     "unknown_task": (["task=mnist"], "unknown task 'mnist'; valid task names: noisy_quadratic_bowl"),
-    "unknown_optimizer": (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adam,"),
+    "unknown_optimizer": (["optimizer=sgdd"], "unknown optimizer 'sgdd'; valid optimizer names: adafactor, adam,"),
     "unknown_experiment": (["experiment=table9"], "unknown experiment 'table9'; valid experiment names:"),
     "unknown_distribute": (["distribute=foo"], "unknown distribute 'foo'; valid distribute names:"),
     "unknown_scale": (["scale=huge"], "unknown scale 'huge'; valid scale names:"),

@@ -35,10 +35,9 @@ CASES = {
     "lodo_sgd": dict(LODO, num_layers=2),
     # Keras's own optimizers, one per seed (lodo.functional.PerSeedKeras); Lamb's rule is not element-wise.
     "lamb": dict(learning_rate=[0.05, 0.2], beta_1=[0.5, 0.9]),
-    "soap": dict(learning_rate=[0.3, 0.05], beta_1=[0.9, 0.5], beta_2=[0.95, 0.99], shampoo_beta=[0.9, 0.99]),
-    "psgd_kron": dict(learning_rate=[0.3, 0.1], beta_1=[0.9, 0.5], preconditioner_lr=[0.1, 0.3],
-                      preconditioner_update_probability=[1.0, 0.5]),
 }
+# Checked the same way (each seed equals its scalar run, and the NumPy reference) in their own test files.
+OWN_FILES = {"soap": "test_soap.py", "psgd_kron": "test_psgd_kron.py"}
 SHARED = {  # same per-seed code as the case named
     "momentum_ema": ("momentum", dict(learning_rate=[0.9, 1.3], momentum=[0.0, 0.95])),
     "lbfgs": ("olbfgs", dict(eta0=[0.5, 0.2], tau=[100.0, 50.0], memory=8)),
@@ -59,7 +58,12 @@ def seed_hp(hp, i):
 
 
 def test_every_tunable_small_task_optimizer_takes_per_seed_lists():
-    assert set(CASES) | set(SHARED) == {n for n in registry.names("optimizer") if registry.optimizer(n).per_seed}
+    assert set(CASES) | set(SHARED) | set(OWN_FILES) == {n for n in registry.names("optimizer")
+                                                         if registry.optimizer(n).per_seed}
+    from pathlib import Path
+
+    for name, file in OWN_FILES.items():
+        assert "per_seed" in (Path(__file__).parent / file).read_text(), (name, file)
     for name, (same_as, hp) in SHARED.items():
         optimizer = registry.build_engine_optimizer(name, **hp)
         tested = registry.build_engine_optimizer(same_as, **CASES[same_as])
