@@ -91,7 +91,8 @@ PER_SEED = {  # two settings each, different enough that the seeds' paths part
 }
 
 
-@pytest.mark.parametrize("name", list(PER_SEED))
+# Lamb (its trust ratio is not element-wise) in make test, the others in make test-long.
+@pytest.mark.parametrize("name", [n if n == "lamb" else pytest.param(n, marks=pytest.mark.long) for n in PER_SEED])
 def test_each_seed_of_a_per_seed_run_is_its_own_one_seed_run(name):
     lists = PER_SEED[name]
     seeds = [3, 5]
