@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.long  # the script's runs are subprocesses; make test-long (CI runs it)
+
 from lodo.experiment import registry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -133,8 +133,7 @@ def test_muon_on_a_vector_is_its_adamw_path():
 
 # Muon (orthogonalized dense kernels, AdamW elsewhere) and Adafactor (factored moments) in make test, the rest
 # in make test-long: each costs a compiled engine and a model.
-@pytest.mark.parametrize("name", [n if n in ("muon", "adafactor") else pytest.param(n, marks=pytest.mark.long)
-                                  for n in MODERN])
+@pytest.mark.parametrize("name", [n if n == "muon" else pytest.param(n, marks=pytest.mark.long) for n in MODERN])
 def test_runs_on_the_bowl_and_a_model(name):
     """A few steps through the engine (finite losses) and through model.fit (the variables move)."""
     import keras

@@ -116,6 +116,7 @@ def test_engine_follows_numpy_on_the_bowl(bowl):
         np.testing.assert_allclose(params[row], expected[-1], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.long  # three compiled SOAP engines; make test-long (CI runs it)
 def test_per_seed_lists_give_each_seed_its_scalar_run(bowl):
     """Every seed equals NumPy with its values; the second (every value changed) also equals its scalar run
     (one compilation per scalar run: the first seed's is the test above, nearly)."""
