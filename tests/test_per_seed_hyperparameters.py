@@ -77,7 +77,8 @@ def test_every_tunable_small_task_optimizer_takes_per_seed_lists():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
+# Lamb's per-seed path is also checked in test_modern_optimizers.py: here only in make test-long.
+@pytest.mark.parametrize("name", [n if n != "lamb" else pytest.param(n, marks=pytest.mark.long) for n in sorted(CASES)])
 def test_per_seed_run_equals_scalar_runs_seed_by_seed(name):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
     hp = CASES[name]

@@ -161,7 +161,8 @@ def test_engine_with_diagonal_q_matches_numpy():
 
 
 # Each scalar run is an XLA compilation of its own: one seed in the quick tests, the others with the slow ones.
-@pytest.mark.parametrize("i", [1, pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("i", [1, pytest.param(0, marks=[pytest.mark.slow, pytest.mark.long]),
+                               pytest.param(2, marks=[pytest.mark.slow, pytest.mark.long])])
 def test_a_per_seed_run_equals_the_scalar_run_of_each_seed(per_seed_run, i):
     scalar = engine_trajectory({k: v[i] for k, v in PER_SEED.items()})
     np.testing.assert_allclose(per_seed_run[:, i], scalar[:, i], rtol=1e-13, atol=1e-14)
