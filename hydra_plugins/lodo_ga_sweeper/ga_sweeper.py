@@ -370,9 +370,12 @@ class GASweeper(Sweeper):
         from lodo.experiment import genetic
 
         bounds = getattr(self, "_bounds", {})
-        return [[bounds[k].nearest(value) if k in bounds else value
-                 for k, value in ((k, genetic.from_search(v, kind)) for k, v, kind in zip(keys, row, kinds))]
-                for row in z]
+
+        def value(key, coordinate, kind):
+            found = genetic.from_search(coordinate, kind)
+            return bounds[key].nearest(found) if key in bounds else found
+
+        return [[value(k, v, kind) for k, v, kind in zip(keys, row, kinds)] for row in z]
 
     def _run_generation(self, g, steps, keys, values, seeds, image, separate, kept, sweep_dir, state):
         """Launches a generation's jobs (g: its number, or "final" for the final round).
