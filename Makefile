@@ -172,10 +172,10 @@ reproduce-extended: install  ## the extended Tables 1, 8 and 2 (CPU scale), pape
 
 report-extended: install  ## rebuild results/extended/ from runs/table1, runs/table8, runs/table2 without training
 	status=0; \
-	$(RUN) scripts/report_table8.py runs/table8 $(EXTENDED) --optimizers all --readme README.md \
-	  --marker extended_table8 || status=1; \
-	$(RUN) scripts/report_table1.py runs/table1 $(EXTENDED) --optimizers all --readme README.md \
-	  --marker extended_table1 || status=1; \
+	$(RUN) scripts/report_table8.py runs/table8 $(EXTENDED) --optimizers all --tuned-here results/tuning \
+	  --readme README.md --marker extended_table8 || status=1; \
+	$(RUN) scripts/report_table1.py runs/table1 $(EXTENDED) --optimizers all --tuned-here results/tuning \
+	  --readme README.md --marker extended_table1 || status=1; \
 	$(RUN) scripts/report_throughput.py runs/table1 $(EXTENDED) || status=1; \
 	$(IMAGE_REPORT) table2 runs/table2/$(CPU_RUNS) $(EXTENDED) --optimizers all $(CPU_EXPECT) \
 	  --readme README.md --marker extended_table2 || status=1; \
@@ -222,6 +222,20 @@ tune-small: install  ## GA-tune the small-task optimizers, compare with the pape
 	    || status=1; \
 	done; \
 	$(RUN) scripts/tuning_summary.py runs/tuning results/tuning && exit $$status
+
+# The newer optimizers of "Beyond the paper", GA-tuned alike (the paper's schedules, generation 0 on each one's
+# defaults) and installed as configs/tuned/<task>/<optimizer>.yaml, whose header says so. A rerun continues
+# unfinished sweeps and skips finished ones; TUNE_NEWER / TUNE_NEWER_TASKS pick a part.
+.PHONY: tune-extended
+TUNE_NEWER ?= adamw nadam lamb lion adafactor muon schedule_free_adamw soap psgd_kron
+TUNE_NEWER_TASKS ?= noisy_quadratic_bowl rosenbrock
+tune-extended: install  ## GA-tune the newer optimizers on the bowl and Rosenbrock -> configs/tuned/, results/tuning/ (hours)
+	status=0; \
+	for task in $(TUNE_NEWER_TASKS); do for opt in $(TUNE_NEWER); do \
+	  $(TUNE_RUN) -m lodo.run -m hydra/sweeper=ga task=$$task optimizer=$$opt '~tuned' \
+	    hydra.sweep.dir=runs/tuning/$$task/$$opt hydra.sweeper.export_dir=results/tuning/$$task/$$opt \
+	    hydra.sweeper.install=true || status=1; \
+	done; done; exit $$status
 
 clean:  ## remove run folders (not results/)
 	rm -rf outputs multirun runs

@@ -51,6 +51,17 @@ def throughput(name: str, steps: int, seeds: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def newer_line(rates: dict) -> list[str]:
+    """The target line for the optimizers the paper did not have (those ordered after its own)."""
+    newer = {n: r for n, r in rates.items() if registry.beyond_the_paper(n)}
+    if not newer:
+        return []
+    slowest = min(newer, key=newer.get)
+    met = all(r >= registry.NEWER_THROUGHPUT_TARGET for r in newer.values())
+    return ["", f"Optimizers beyond the paper: {len(newer)}, slowest `{slowest}` at {newer[slowest]:,.0f} "
+                f"seed-steps/s; the target of {registry.NEWER_THROUGHPUT_TARGET:,} is {'met by every one' if met else 'missed'}."]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
@@ -64,6 +75,7 @@ def main(argv=None) -> int:
     for required in ("lodo", "adam"):
         if required not in names:
             names.append(required)
+    names = sorted(names, key=registry.order_key)  # the tables' order: the paper's optimizers, then the newer
     rates = {}
     for name in names:
         rates[name] = throughput(name, args.steps, args.seeds, args.repeats)
@@ -88,6 +100,7 @@ def main(argv=None) -> int:
         "",
         f"LODO / Adam throughput ratio: {rates['lodo'] / rates['adam']:.3f}. "
         f"Slowest: `{min(rates, key=rates.get)}` at {min(rates.values()):,.0f} seed-steps/s.",
+        *newer_line(rates),
         "",
         IMAGE_BENCHES,
         "",

@@ -1,6 +1,6 @@
 """Table 1 and Figure 2 from finished run folders; reads results, never trains.
 
-    python scripts/report_table1.py RUNS_DIR OUT_DIR [--readme README.md]
+    python scripts/report_table1.py RUNS_DIR OUT_DIR [--readme README.md] [--tuned-here results/tuning]
 
 RUNS_DIR holds one folder per optimizer with ``summary.json`` and
 ``curve.csv`` (as ``make reproduce-table1`` leaves them). Writes
@@ -21,13 +21,13 @@ from lodo.experiment import report
 NEEDS = {"loss_final_std": "number?"}  # the summary fields read beyond every row's (report.main skips runs without)
 
 
-def build_table(runs: dict, paper) -> pd.DataFrame:
+def build_table(runs: dict, paper, tuned_here=None) -> pd.DataFrame:
     rows = []
     for name, run in runs.items():
         s = run.summary
         budget = s.get("time_budget", {})
         seeds = run.num_seeds
-        rows.append({
+        rows.append({**report.tuned_here_columns(tuned_here, run),
             "optimizer": name,
             "loss_100k_mean": s["loss_final_mean"],
             "loss_100k_std": s["loss_final_std"],
@@ -54,18 +54,19 @@ def steps_text(value, sep=",") -> str:
 
 def markdown(table: pd.DataFrame, optimum: float | None, seconds) -> str:
     steps = int(table.steps.max())
+    alike = "tuned_here_mean" in table
     header = ["Optimizer", f"Loss at {steps:,} steps", "Paper (100k)", f"Loss at {seconds} s", "Paper (300 s)",
-              f"Steps in {seconds} s", "Seed-steps/s"]
-    rows = [[report.label(r.optimizer), r.loss_100k, report.paper_cell(r.paper_loss_100k), r.loss_300s,
-             report.paper_cell(r.paper_loss_300s), steps_text(r.steps_in_300s),
-             "–" if report.missing(r.seed_steps_per_s) else f"{r.seed_steps_per_s:,.0f}"]
-            for r in table.itertuples()]
+              f"Steps in {seconds} s", "Seed-steps/s"] + ([f"Tuned here (GA), {steps:,} steps"] if alike else [])
+    rows = [[report.label(r["optimizer"]), r["loss_100k"], report.paper_cell(r["paper_loss_100k"]), r["loss_300s"],
+             report.paper_cell(r["paper_loss_300s"]), steps_text(r["steps_in_300s"]),
+             "–" if report.missing(r["seed_steps_per_s"]) else f"{r['seed_steps_per_s']:,.0f}"]
+            + ([report.tuned_here_cell(r)] if alike else []) for r in table.to_dict("records")]
     note = (f"\nMean ± std over {int(table.seeds.max())} seeds of the training loss averaged over the last 1% of "
             "steps. \"?\": the paper's value is lost in our copy (SPEC §5); \"–\": an optimizer the paper did not run. ")
     if optimum is not None:
         note += f"Analytic optimum ½·tr(H)·σ² = {optimum:.3f}. "
     note += ("All seeds of an optimizer run together in one compiled program, so each seed is charged the group's "
-             "wall-clock training time. " + report.DIVERGENCE_NOTE)
+             "wall-clock training time. " + report.DIVERGENCE_NOTE + report.tuned_here_note(table, "loss_100k_mean"))
     return report.markdown_table(header, rows) + note + "\n"
 
 
@@ -110,9 +111,9 @@ def figure(runs: dict, out_dir: Path) -> None:
     report.save_figure(fig, out_dir, "figure2")
 
 
-def build(runs, paper, out_dir: Path) -> str:
+def build(runs, paper, out_dir: Path, tuned_here=None) -> str:
     runs = report.by_optimizer(runs)
-    table = build_table(runs, paper)
+    table = build_table(runs, paper, tuned_here)
     optimum = next((r.summary.get("optimum_loss") for r in runs.values() if r.summary.get("optimum_loss")), None)
     seconds = next((r.summary["time_budget"]["seconds"] for r in runs.values() if "time_budget" in r.summary), "–")
     table_md = markdown(table, optimum, seconds)
@@ -122,7 +123,8 @@ def build(runs, paper, out_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return report.main(argv, doc=__doc__, stem="table1", make_target="reproduce-table1", build=build, needs=NEEDS)
+    return report.main(argv, doc=__doc__, stem="table1", make_target="reproduce-table1", build=build, needs=NEEDS,
+                       tuned_here=True)
 
 
 if __name__ == "__main__":

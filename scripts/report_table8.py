@@ -1,6 +1,6 @@
 """Table 8 and Figures 3 and 11 (Rosenbrock) from finished run folders; never trains.
 
-    python scripts/report_table8.py RUNS_DIR OUT_DIR
+    python scripts/report_table8.py RUNS_DIR OUT_DIR [--tuned-here results/tuning]
 
 RUNS_DIR holds one folder per optimizer with ``summary.json``, ``curve.csv``
 and ``trajectory.csv`` (as ``make reproduce-table8`` leaves them). Writes
@@ -24,12 +24,12 @@ X_RANGE, Y_RANGE = (-1.2, 1.5), (-1.0, 2.5)  # Figure 3's window (SPEC §3.2)
 NEEDS = {"loss_final_std": "number?", "report_window": "window"}  # read beyond every row's fields
 
 
-def build_table(runs: dict, paper) -> pd.DataFrame:
+def build_table(runs: dict, paper, tuned_here=None) -> pd.DataFrame:
     rows = []
     for name, run in runs.items():
         s = run.summary
         ours, theirs = s["loss_final_mean"], report.as_float(report.paper_value(paper, name, "loss"))
-        rows.append({
+        rows.append({**report.tuned_here_columns(tuned_here, run),
             "optimizer": name,
             "loss_mean": ours,
             "loss_std": s["loss_final_std"],
@@ -55,8 +55,13 @@ def entries(table: pd.DataFrame) -> list[list[str]]:
         rows.append([report.label(r["optimizer"]),
                      report.cell(r["loss_mean"], r["loss_std"], r["diverged"], r["seeds"], fmt="{:.4g}",
                                  diverged_mean=r["diverged_loss_mean"]),
-                     paper, ratio])
+                     paper, ratio] + ([report.tuned_here_cell(r, fmt="{:.4g}")] if "tuned_here_mean" in r else []))
     return rows
+
+
+def header(table: pd.DataFrame) -> list[str]:
+    return ["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"] + (
+        ["Tuned here (GA)"] if "tuned_here_mean" in table else [])
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -65,13 +70,12 @@ def markdown(table: pd.DataFrame) -> str:
             f"({int(table.steps.max())} steps from (−0.5, 2); f = 0.01(1 − x)² + (y − x²)², minimum 0 at (1, 1)). "
             "Rosenbrock has no noise, so the seeds differ only in an optimizer's own random draws (LODO's "
             "permutations and initial blocks, PSGD-Kron's probes): the other optimizers' 8 seeds are identical runs. Paper: Table 8 of the paper ('–': an optimizer the paper did not run). "
-            + report.DIVERGENCE_NOTE)
-    return report.markdown_table(["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"], entries(table)) + note + "\n"
+            + report.DIVERGENCE_NOTE + report.tuned_here_note(table, "loss_mean"))
+    return report.markdown_table(header(table), entries(table)) + note + "\n"
 
 
 def latex(table: pd.DataFrame) -> str:
-    return report.latex_table(["Optimizer", "Loss (steps 180–200)", "Paper", "Ours / paper"], entries(table),
-                              align="lllr")
+    return report.latex_table(header(table), entries(table), align="lllr" + "l" * (len(header(table)) - 4))
 
 
 def rosenbrock(x, y, scale=0.01):
@@ -124,9 +128,9 @@ def figure11(runs: dict, out_dir: Path) -> None:
     report.save_figure(fig, out_dir, "figure11")
 
 
-def build(runs, paper, out_dir: Path) -> str:
+def build(runs, paper, out_dir: Path, tuned_here=None) -> str:
     runs = report.by_optimizer(runs)
-    table = build_table(runs, paper)
+    table = build_table(runs, paper, tuned_here)
     table_md = markdown(table)
     report.write_table(out_dir, "table8", table, table_md, latex(table))
     figure3(runs, out_dir)
@@ -135,7 +139,8 @@ def build(runs, paper, out_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return report.main(argv, doc=__doc__, stem="table8", make_target="reproduce-table8", build=build, needs=NEEDS)
+    return report.main(argv, doc=__doc__, stem="table8", make_target="reproduce-table8", build=build, needs=NEEDS,
+                       tuned_here=True)
 
 
 if __name__ == "__main__":

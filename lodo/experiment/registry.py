@@ -225,6 +225,15 @@ def order_key(name: str):
         return (math.inf, name)
 
 
+PAPER_ORDERS_END = 20  # the paper's optimizers have order <= 20; the newer ones of "Beyond the paper" above it
+NEWER_THROUGHPUT_TARGET = 2000  # seed-steps/s on the bowl (8 seeds, 2-core CPU) each newer one must reach
+
+
+def beyond_the_paper(name: str) -> bool:
+    """An optimizer the paper did not compare (ordered after the paper's; unregistered names count as such)."""
+    return order_key(name)[0] > PAPER_ORDERS_END
+
+
 def optimizer_options(node) -> dict:
     """The hyperparameters in an ``optimizer`` config group (without the keys that describe the entry)."""
     return {k: v for k, v in _plain(node).items() if k not in OPTIMIZER_META_KEYS}

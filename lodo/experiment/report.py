@@ -37,6 +37,7 @@ from lodo.experiment import registry
 from lodo.experiment.outputs import atomic_write_text, write_csv
 from lodo.experiment.summary import problems as summary_problems
 from lodo.experiment.summary import upgrade as upgrade_summary  # old image summaries in today's keys
+from lodo.experiment.tuned_here import TunedHere, TunedHereError
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_DIR = ROOT / "results" / "paper"
@@ -185,6 +186,43 @@ def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}", diverged_mea
         fmt = "{:.3g}"
     text = f"{fmt.format(mean)} ± {fmt.format(std)}"
     return text + (f" ({diverged}/{seeds} diverged)" if diverged else "")
+
+
+def tuned_here_columns(tuned_here: TunedHere | None, run: Run) -> dict:
+    """The "tuned here" columns of a table row (none without ``--tuned-here``): the loss at the GA's values."""
+    if tuned_here is None:
+        return {}
+    found = tuned_here.loss(run) or {}
+    return {"tuned_here_mean": found.get("mean"), "tuned_here_std": found.get("std"),
+            "tuned_here_diverged": found.get("diverged", 0), "tuned_here_seeds": found.get("seeds", run.num_seeds),
+            "tuned_here_source": found.get("source")}
+
+
+def tuned_here_cell(row: dict, fmt: str = "{:.3f}") -> str:
+    return cell(row["tuned_here_mean"], row["tuned_here_std"], row["tuned_here_diverged"], row["tuned_here_seeds"],
+                fmt=fmt)
+
+
+def _lodo_rank(table: pd.DataFrame, mean: str, diverged: str, seeds: str) -> str | None:
+    losses = {r["optimizer"]: (None if missing(r[mean]) or r[diverged] == r[seeds] else float(r[mean]))
+              for r in table.to_dict("records")}
+    place = TunedHere.rank(losses, "lodo")
+    return None if place is None else f"{place[0]} of {place[1]}"
+
+
+def tuned_here_note(table: pd.DataFrame, mean: str, diverged: str = "diverged", seeds: str = "seeds") -> str:
+    """The sentence under a table with a "tuned here" column: what it holds, and where LODO ranks in each."""
+    if "tuned_here_mean" not in table:
+        return ""
+    note = (" Tuned here (GA): each optimizer's loss at the values this project's genetic tuner found, on the same "
+            "seeds, steps and window (the newer optimizers' runs above; the paper's optimizers' evaluation in "
+            "results/tuning/summary.md); '–': not tuned here.")
+    as_run = _lodo_rank(table, mean, diverged, seeds)
+    alike = _lodo_rank(table, "tuned_here_mean", "tuned_here_diverged", "tuned_here_seeds")
+    if as_run:
+        note += f" LODO ranks {as_run} as run"
+        note += f" and {alike} tuned here." if alike else "."
+    return note
 
 
 def read_paper(path: Path) -> pd.DataFrame:
@@ -348,7 +386,7 @@ def line_styles(names) -> dict:
 
     colors = matplotlib.colormaps["tab20"].colors
     colors = colors[::2] + colors[1::2]
-    return {name: {"color": colors[i % len(colors)], "ls": "--" if order_key(name)[0] > 20 else "-"}
+    return {name: {"color": colors[i % len(colors)], "ls": "--" if registry.beyond_the_paper(name) else "-"}
             for i, name in enumerate(names)}
 
 
@@ -409,11 +447,12 @@ def check_scale(runs: list[Run], stem: str, steps: int | None, seeds: int | None
 
 def main(argv, *, doc: str, stem: str, make_target: str,
          build: Callable[[list[Run], pd.DataFrame | None, Path], str], needs: dict | None = None,
-         other_steps: dict | None = None) -> int:
+         other_steps: dict | None = None, tuned_here: bool = False) -> int:
     """The shared command line: load the runs, call ``build(runs, paper, out_dir)``, print its Markdown.
 
     ``build`` writes the outputs and returns the Markdown table, which
     ``--readme`` also pastes between ``<!-- stem -->`` markers (``--marker`` names others).
+    ``tuned_here``: ``build`` also takes ``tuned_here=`` (a ``TunedHere`` or None), and ``--tuned-here DIR`` sets it.
     ``needs``: the summary fields ``build`` reads beyond every row's (``lodo.experiment.summary.problems``);
     a run without them is skipped. Every bad input is one ``error:`` line and exit status 2, with nothing written.
     """
@@ -433,6 +472,10 @@ def main(argv, *, doc: str, stem: str, make_target: str,
                                              f"experiment={stem} sweeps; the extended tables pass all)")
     parser.add_argument("--note", help="a sentence to add under the table, for what the run folders cannot say "
                                        "(e.g. that some runs shared the machine)")
+    if tuned_here:
+        parser.add_argument("--tuned-here", type=Path, metavar="DIR",
+                            help="the tuning results (results/tuning): add each optimizer's loss at this "
+                                 "project's GA values, so that all are compared tuned alike")
     args = parser.parse_args(argv)
     try:
         return _main(args, stem, make_target, build, needs, other_steps or {})
@@ -463,6 +506,11 @@ def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) ->
                           f"--paper out")
     paper_path = args.paper or PAPER_DIR / f"{stem}.csv"
     paper = read_paper(paper_path) if paper_path.exists() else None
+    tuned_here = getattr(args, "tuned_here", None) is not None
+    try:
+        tuned = TunedHere(args.tuned_here) if tuned_here else None
+    except TunedHereError as err:
+        raise ReportError(str(err)) from None
     runs, skipped = load_runs(args.runs_dir, needs)
     wanted = (experiment_optimizers(stem) if args.optimizers is None else None if args.optimizers.strip() == "all"
               else [n.strip() for n in args.optimizers.split(",") if n.strip()])
@@ -481,7 +529,7 @@ def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) ->
     stage = None
     try:
         with staged(args.out_dir) as stage:
-            table_md = build(runs, paper, stage)
+            table_md = build(runs, paper, stage, tuned_here=tuned) if tuned_here else build(runs, paper, stage)
             if args.note:
                 table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
                 atomic_write_text(stage / f"{stem}.md", table_md)
