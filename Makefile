@@ -234,8 +234,22 @@ tune-extended: install  ## GA-tune the newer optimizers on the bowl and Rosenbro
 	for task in $(TUNE_NEWER_TASKS); do for opt in $(TUNE_NEWER); do \
 	  $(TUNE_RUN) -m lodo.run -m hydra/sweeper=ga task=$$task optimizer=$$opt '~tuned' \
 	    hydra.sweep.dir=runs/tuning/$$task/$$opt hydra.sweeper.export_dir=results/tuning/$$task/$$opt \
-	    hydra.sweeper.install=true || status=1; \
+	    hydra.sweeper.install=overwrite || status=1; \
 	done; done; exit $$status
+
+# The same on image generation at the reduced CPU scale (Fashion-MNIST from Debian's files, schedule
+# image_generation_cpu: 2 generations x 6 individuals x 300 steps at batch 32, the paper's halving of the learning
+# rates after), installed as configs/tuned/pixelcnn_mnist/<optimizer>.yaml. About 20 minutes per optimizer.
+.PHONY: tune-extended-images
+tune-extended-images: install  ## GA-tune the newer optimizers on Fashion-MNIST (reduced CPU schedule) -> configs/tuned/pixelcnn_mnist/ (hours)
+	status=0; \
+	for opt in $(TUNE_NEWER); do \
+	  $(TUNE_RUN) -m lodo.run -m hydra/sweeper=ga task=pixelcnn_mnist optimizer=$$opt '~tuned' $(CPU_SCALE) \
+	    hydra.sweeper.schedule=image_generation_cpu hydra.sweeper.score_window=0.3 \
+	    hydra.sweep.dir=runs/tuning/pixelcnn_fashion_mnist_cpu/$$opt \
+	    hydra.sweeper.export_dir=results/tuning/pixelcnn_fashion_mnist_cpu/$$opt hydra.sweeper.install=overwrite \
+	    || status=1; \
+	done; exit $$status
 
 clean:  ## remove run folders (not results/)
 	rm -rf outputs multirun runs

@@ -114,7 +114,8 @@ def figure3(runs: dict, out_dir: Path) -> None:
 
 def figure11(runs: dict, out_dir: Path) -> None:
     plt = report.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    crowded = len(runs) > 8  # the extended table's 15 lines: the legend goes beside the axes, off the curves
+    fig, ax = plt.subplots(figsize=(8.6 if crowded else 6.4, 4.4))
     styles = report.line_styles(runs)
     for name, run in runs.items():
         curve = run.curve.dropna(subset=["loss"]).groupby("step").loss.mean()
@@ -123,7 +124,7 @@ def figure11(runs: dict, out_dir: Path) -> None:
     ax.axvspan(*window, color="k", alpha=0.08, label=f"report window {window[0]}–{window[1]}")
     ax.set(yscale="log", xlabel="step", ylabel="loss (mean of seeds)", title="Rosenbrock: learning curves")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if crowded else {}))
     fig.tight_layout()
     report.save_figure(fig, out_dir, "figure11")
 

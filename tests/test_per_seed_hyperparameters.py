@@ -76,9 +76,14 @@ def test_every_tunable_small_task_optimizer_takes_per_seed_lists():
     assert registry.build_engine_optimizer("lodo_no_momentum", **SHARED["lodo_no_momentum"][1]).beta == 0.0
 
 
+# Lamb's per-seed path is also checked in test_modern_optimizers.py, and LODO-Residuals' and LODO-SGD's run
+# through LODO's own per-seed core (checked here for lodo): these three only in make test-long (CI runs it).
+LONG_ONLY = {"lamb", "lodo_residuals", "lodo_sgd"}
+
+
 @pytest.mark.slow
-# Lamb's per-seed path is also checked in test_modern_optimizers.py: here only in make test-long.
-@pytest.mark.parametrize("name", [n if n != "lamb" else pytest.param(n, marks=pytest.mark.long) for n in sorted(CASES)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in LONG_ONLY else n
+                                  for n in sorted(CASES)])
 def test_per_seed_run_equals_scalar_runs_seed_by_seed(name):
     bowl = registry.build_task("noisy_quadratic_bowl", dim=10)
     hp = CASES[name]
