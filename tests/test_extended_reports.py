@@ -134,3 +134,12 @@ def test_tuned_here_refuses_a_damaged_summary_in_one_line(sweep, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tuning / 'summary.csv'} is unreadable")
     assert "scripts/tuning_summary.py runs/tuning" in err[0]
+
+
+def test_bench_states_whether_every_newer_optimizer_meets_the_throughput_target():
+    bench = script("bench")
+    assert bench.newer_line({"adam": 1e5, "lodo": 500.0}) == []  # the paper's optimizers only: no line
+    met = bench.newer_line({"adam": 1e5, "soap": 2500.0, "lion": 9e4})
+    assert met[-1] == ("Optimizers beyond the paper: 2, slowest `soap` at 2,500 seed-steps/s; the target of 2,000 "
+                       "is met by every one.")
+    assert bench.newer_line({"soap": 1999.0, "lion": 9e4})[-1].endswith("is missed.")
