@@ -506,9 +506,9 @@ def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) ->
                           f"--paper out")
     paper_path = args.paper or PAPER_DIR / f"{stem}.csv"
     paper = read_paper(paper_path) if paper_path.exists() else None
-    tuned_here = getattr(args, "tuned_here", None) is not None
+    compare_tuned = getattr(args, "tuned_here", None) is not None  # only tables that take it have the flag
     try:
-        tuned = TunedHere(args.tuned_here) if tuned_here else None
+        tuned = TunedHere(args.tuned_here) if compare_tuned else None
     except TunedHereError as err:
         raise ReportError(str(err)) from None
     runs, skipped = load_runs(args.runs_dir, needs)
@@ -529,7 +529,7 @@ def _main(args, stem: str, make_target: str, build, needs, other_steps: dict) ->
     stage = None
     try:
         with staged(args.out_dir) as stage:
-            table_md = build(runs, paper, stage, tuned_here=tuned) if tuned_here else build(runs, paper, stage)
+            table_md = build(runs, paper, stage, tuned_here=tuned) if compare_tuned else build(runs, paper, stage)
             if args.note:
                 table_md = table_md.rstrip("\n") + f"\n\nNote: {args.note.strip()}\n"
                 atomic_write_text(stage / f"{stem}.md", table_md)
