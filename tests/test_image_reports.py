@@ -92,6 +92,8 @@ def test_table2_states_lodo_against_the_best_standard_optimizer(tmp_path):
     assert table.loc["lodo", "train_loss_last_10pct"] == pytest.approx(expected_lodo, rel=1e-6)
     assert np.isnan(table.loc["momentum", "train_loss_last_10pct"])
     assert "Fashion-MNIST (files source), 200 steps, 2 seeds, batch 32, test metrics on 50 test images" in md
+    assert "Table 2: autoregressive image generation, standard optimizers and LODO." in md  # the paper's only
+    assert "LODO ranks by smoothed training loss 3rd of 4 (best: RMSprop" in md  # diverged Momentum not counted
     assert (out / "table2.md").read_text() == md
     assert (out / "figure4.png").is_file()
     assert (out / "figure10.png").read_bytes() == b"lodo"  # Figure 10 is LODO's; the others sit beside it
@@ -141,3 +143,30 @@ def test_figure5_sorts_by_beta_and_counts_the_runs_it_has(tmp_path):
         curve = pd.read_csv(tmp_path / "runs" / folder / "curve.csv")
         expected = curve[curve.step > 0.9 * curve.step.max()].loss.mean()  # one seed
         assert np.isclose(late, expected) and f"| {late:.3f} |" in md
+
+
+def test_table2_ranks_lodo_among_every_run_that_did_not_diverge(tmp_path):
+    floors = {"adam": 3.0, "yogi": 2.8, "lodo": 2.9, "soap": 2.7, "nadam": 3.1, "lion": 2.95, "lamb": 3.2,
+              "muon": 3.05, "adamw": 2.85}  # nine lines: the extended figure's legend goes under the panels
+    for i, (name, floor) in enumerate(floors.items()):
+        write_run(tmp_path / "runs" / name, name, {0: noisy_decay(i, floor)})
+    write_run(tmp_path / "runs" / "psgd_kron", "psgd_kron", {0: np.full(STEPS, 0.1)}, diverged=1)
+    runs, _ = report.load_runs(tmp_path / "runs")
+    md = report_images.build_table2(runs, None, tmp_path / "out")
+
+    late = {name: noisy_decay(i, floor)[STEPS - STEPS // 10:].mean() for i, (name, floor) in enumerate(floors.items())}
+    place = 1 + sum(value < late["lodo"] for value in late.values())
+    best = min(late, key=late.get)
+    assert best != "psgd_kron"  # the diverged run's 0.1 is never the best
+    assert (f"LODO ranks by smoothed training loss {report_images.ordinal(place)} of 9 "
+            f"(best: {report.label(best)} {late[best]:.3f}); by test loss 1st of 9" in md)  # all tie at 2.5
+    assert md.startswith("| Optimizer") and "Table 2, extended:" in md
+    assert (tmp_path / "out" / "figure4.png").is_file()
+
+
+def test_ordinals_read_right_and_a_lone_lodo_has_no_rank():
+    assert [report_images.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"]
+    table = pd.DataFrame({"optimizer": ["lodo"], "diverged": [0], "train_loss_last_10pct": [3.0],
+                          "test_loss_steps_mean": [2.9]})
+    assert report_images.lodo_rank(table) == ""  # alone: no rank to state
