@@ -574,6 +574,7 @@ class GASweeper(Sweeper):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import numpy as np
+        from matplotlib.ticker import MaxNLocator
 
         from lodo.experiment import genetic
 
@@ -633,6 +634,8 @@ class GASweeper(Sweeper):
             ax.set_yscale("log")
             ax.set(xlabel="generation", ylabel=f"1 − {key}" if kind == "decay" else key, title=key)
             ax.legend(fontsize=8)
+        for ax in axes.flat:  # generations are whole numbers: no 0.2, 0.4 ticks on a two-generation schedule
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         for suffix in ("png", "pdf"):
             tmp = sweep_dir / f".{PLOT_STEM}.tmp.{suffix}"
