@@ -146,7 +146,7 @@ def loss_table_report(runs_list, paper, out_dir: Path, stem: str, figure: str, w
     table = build_loss_table(runs, paper)
     with_time = "time_budget" in next(iter(runs.values())).summary
     header, rows = loss_entries(table, with_time)
-    caption = (f"\n{what}. Mean ± std over seeds; training loss = mean over the last 1% of steps; test loss = mean "
+    caption = (f"\n{what}. Mean ± std over seeds (one seed: its value); training loss = mean over the last 1% of steps; test loss = mean "
                f"cross-entropy over all 784 query positions of each test image. Measured on: {note}. The paper's "
                f"numbers are MNIST at 300k steps / 50k s on its hardware (one randomly chosen run).")
     if table["shared_machine"].any():

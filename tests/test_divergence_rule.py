@@ -72,6 +72,7 @@ def test_tables_print_the_verdict_with_the_number_beside_it():
     assert report.cell(float("nan"), float("nan"), 8, 8, diverged_mean=6.49e11) == "diverged (8/8): 6.49e+11"
     assert report.cell(float("nan"), float("nan"), 8, 8, diverged_mean=float("nan")) == "diverged (8/8)"
     assert report.cell(1.0, 0.5, 2, 8, diverged_mean=7.0) == "1.000 ± 0.500 (2/8 diverged)"
+    assert report.cell(2.836, 0.0, 0, 1) == "2.836" and report.cell(2.836, 0.0, 1, 2) == "2.836 (1/2 diverged)"
 
 
 def test_healthy_losses_leave_out_every_diverged_seed():

@@ -184,7 +184,8 @@ def cell(mean, std, diverged: int, seeds: int, fmt: str = "{:.3f}", diverged_mea
         return "–"
     if abs(mean) >= 1e5:  # a loss that ran away: fixed-point digits would only be noise
         fmt = "{:.3g}"
-    text = f"{fmt.format(mean)} ± {fmt.format(std)}"
+    # one surviving seed has no spread to show: "± 0.000" would claim a precision it does not have
+    text = fmt.format(mean) if seeds - diverged == 1 else f"{fmt.format(mean)} ± {fmt.format(std)}"
     return text + (f" ({diverged}/{seeds} diverged)" if diverged else "")
 
 
