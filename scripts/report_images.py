@@ -126,13 +126,9 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
         if not late.empty:  # the first tenth's descent would squash the late differences between optimizers
             ax.set_ylim(0.98 * late.min(), 1.05 * late.max())
         ax.grid(alpha=0.3, which="both")
-    crowded = len(runs) > 8  # the extended table's 15 lines: one legend under the panels, off the curves
-    if crowded:
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=8, fontsize=8, frameon=False)
-    else:
-        axes[0].legend(fontsize=8)
+    legend_space = report.place_legend(fig, axes[0], columns=8)
     _title(fig, title)
-    fig.tight_layout(rect=(0, 0.08 if crowded else 0, 1, 1))
+    fig.tight_layout(rect=(0, legend_space, 1, 1))
     report.save_figure(fig, out_dir, stem)
 
 

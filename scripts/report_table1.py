@@ -96,12 +96,7 @@ def figure(runs: dict, out_dir: Path) -> None:
         if optimum:  # a runaway loss (BFGS) would squash every other curve into one line
             ax.set_ylim(0.8 * optimum, 50 * optimum)
         ax.grid(alpha=0.3, which="both")
-    crowded = len(runs) > 8  # the extended table's 20 lines: one legend under the panels, off the curves
-    if crowded:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=8, frameon=False)
-    else:
-        axes[0].legend(fontsize=8)
+    legend_space = report.place_legend(fig, axes[0])
     axes[0].set_title("Learning curves")
     axes[1].set_title("Learning curves by training time")
     if "lodo" in runs and "hessian_error" in runs["lodo"].curve:
@@ -114,7 +109,7 @@ def figure(runs: dict, out_dir: Path) -> None:
         axes[2].grid(alpha=0.3)
         axes[2].legend(fontsize=8)
     fig.suptitle("Noisy quadratic bowl (n = 100, σ² = 1)")
-    fig.tight_layout(rect=(0, 0.03 * (len(runs) // 7 + 2), 1, 1) if crowded else None)
+    fig.tight_layout(rect=(0, legend_space, 1, 1))
     report.save_figure(fig, out_dir, "figure2")
 
 

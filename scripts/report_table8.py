@@ -114,7 +114,7 @@ def figure3(runs: dict, out_dir: Path) -> None:
 
 def figure11(runs: dict, out_dir: Path) -> None:
     plt = report.pyplot()
-    crowded = len(runs) > 8  # the extended table's 15 lines: the legend goes beside the axes, off the curves
+    crowded = len(runs) > report.CROWDED_LINES  # the extended table: the legend goes beside the axes, off the curves
     fig, ax = plt.subplots(figsize=(8.6 if crowded else 6.4, 4.4))
     styles = report.line_styles(runs)
     for name, run in runs.items():

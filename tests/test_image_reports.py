@@ -170,3 +170,26 @@ def test_ordinals_read_right_and_a_lone_lodo_has_no_rank():
     table = pd.DataFrame({"optimizer": ["lodo"], "diverged": [0], "train_loss_last_10pct": [3.0],
                           "test_loss_steps_mean": [2.9]})
     assert report_images.lodo_rank(table) == ""  # alone: no rank to state
+
+
+@pytest.mark.parametrize("lines", [1, report.CROWDED_LINES, report.CROWDED_LINES + 1, 21])
+def test_a_crowded_legend_goes_under_the_panels_and_leaves_room_for_its_rows(lines):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2)
+    for i in range(lines):
+        axes[0].plot([0, 1], [i, i], label=f"line {i}")
+    space = report.place_legend(fig, axes[0], columns=7)
+    crowded = lines > report.CROWDED_LINES
+    assert (axes[0].get_legend() is None) == crowded
+    assert (len(fig.legends) == 1) == crowded
+    if crowded:
+        rows = -(-lines // 7)
+        assert space == pytest.approx(0.035 * (rows + 1))
+        assert len(fig.legends[0].get_texts()) == lines
+    else:
+        assert space == 0.0
+    plt.close(fig)

@@ -296,6 +296,23 @@ def write_table(out_dir: Path, stem: str, frame: pd.DataFrame, md: str, tex: str
         atomic_write_text(out_dir / f"{stem}.tex", tex)
 
 
+CROWDED_LINES = 8  # more curves than this and an in-axes legend hides them
+
+
+def place_legend(fig, ax, columns: int = 7) -> float:
+    """Legend for ``ax``'s lines: inside it, or under the panels when crowded (the extended tables).
+
+    Returns the bottom fraction of the figure to leave for it in ``fig.tight_layout(rect=...)``.
+    """
+    handles, labels = ax.get_legend_handles_labels()
+    if len(handles) <= CROWDED_LINES:
+        ax.legend(fontsize=8)
+        return 0.0
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    rows = -(-len(handles) // columns)
+    return 0.035 * (rows + 1)
+
+
 def save_figure(fig, out_dir: Path, stem: str, dpi: int = 130) -> None:
     """``stem.pdf`` and ``stem.png``, each written to a temporary name first."""
     import matplotlib.pyplot as plt
