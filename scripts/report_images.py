@@ -125,6 +125,10 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
         ax.set_yscale("log")
         if not late.empty:  # the first tenth's descent would squash the late differences between optimizers
             ax.set_ylim(0.98 * late.min(), 1.05 * late.max())
+            if late.max() < 10 * late.min():  # within a decade, "3.2" reads better than "3.2 x 10^0"
+                plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3, which="both")
     legend_space = report.place_legend(fig, axes[0], columns=8)
     _title(fig, title)
