@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
 from lodo.experiment import report
 from lodo.experiment.outputs import atomic_copy
@@ -119,6 +120,7 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
             late_losses.append(loss[mean["step"] > 0.1 * mean["step"].max()])
     late = pd.concat(late_losses) if late_losses else pd.Series(dtype=float)
     late = late[late.map(math.isfinite) & (late > 0)]
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     for ax, xlabel in zip(axes, ("step", "training time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss (smoothed)")
@@ -126,7 +128,6 @@ def curves(runs: dict, out_dir: Path, stem: str, title: str, smooth: int = 25) -
         if not late.empty:  # the first tenth's descent would squash the late differences between optimizers
             ax.set_ylim(0.98 * late.min(), 1.05 * late.max())
             if late.max() < 10 * late.min():  # within a decade, "3.2" reads better than "3.2 x 10^0"
-                plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
                 ax.yaxis.set_major_formatter(plain)
                 ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3, which="both")
